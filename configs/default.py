@@ -1,0 +1,68 @@
+"""The paper's settings (SPEC.md 3-5) on the embedded digits dataset.
+
+Every other config imports this one and overrides what it must. Variants are chosen
+with `--config=configs/default.py:VARIANT`.
+"""
+import ml_collections
+
+from fanas_jax.ops.layers import ORIGINAL_OPS
+
+STAGES = "search_phase1,search_phase2,derive,train,retrieval"
+
+
+def search_phase(**overrides) -> ml_collections.ConfigDict:
+  """DARTS optimisation settings shared by both search phases."""
+  phase = ml_collections.ConfigDict(dict(
+      objective="car",
+      split="train",          # divided 50/50 into a weight and an architecture half
+      epochs=20,
+      batch_size=32,
+      w_lr=0.025, w_lr_min=0.001, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
+      a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
+      alpha_init_std=1e-3,
+      init_alpha_from="",     # '' = fresh alphas; or a stage name
+      flip=True,
+      num_boxes=4,            # CAR: zeroed boxes per image
+      box_size=8,
+  ))
+  phase.update(overrides)
+  return phase
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = "sklearn_digits"
+  c.data_dir = ""             # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.image_size = 32
+  c.stages = STAGES
+  c.eval_batch_size = 256
+
+  c.model = ml_collections.ConfigDict(dict(width=16, stem="attention"))
+  # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
+  c.search = ml_collections.ConfigDict(dict(candidates=tuple(ORIGINAL_OPS)))
+  c.search_phase1 = search_phase(objective="car", epochs=20)
+  c.search_phase2 = search_phase(objective="supervised", epochs=50, a_lr=1e-4,
+                                 init_alpha_from="search_phase1")
+  c.derive = ml_collections.ConfigDict(dict(
+      rule="constrained", max_window7=1, max_global=1, select="last"))
+
+  c.train = ml_collections.ConfigDict(dict(
+      genotype="searched",    # or a named genotype, e.g. 'original'
+      width=96, split="train", eval_split="test",
+      epochs=500, batch_size=56,
+      lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
+      warmup_epochs=20, warmup_from=0.3, lr_min=1e-4,
+      dropout=0.5, crop_padding=4, flip=True,
+  ))
+  c.retrieval = ml_collections.ConfigDict(dict(
+      width=96, split="train+test",
+      train_classes=tuple(range(0, 5)), test_classes=tuple(range(5, 10)),
+      embed_dim=512, pa_alpha=32.0, pa_margin=0.1, recall_ks=(1, 2, 4, 8),
+      epochs=100, batch_size=56,
+      lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
+      warmup_epochs=5, warmup_from=0.3, lr_min=1e-4,
+      dropout=0.0, crop_padding=4, flip=True,
+  ))
+  return c

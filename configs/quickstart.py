@@ -1,0 +1,41 @@
+"""The whole pipeline in minutes on a laptop CPU, on the embedded digits dataset.
+
+Only width, resolution, epochs and box size shrink; the search space (7 ops, 5x3
+layers), objectives, bilevel step and derive rule are the paper's. Digits are not
+mirror-symmetric, so the supervised stages train without horizontal flips.
+`configs/quickstart.py:tiny` is the seconds-long variant the end-to-end test runs.
+"""
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  c = default.get_config()
+  c.image_size = 8             # the digits' native resolution
+  c.search_phase1.epochs = 4
+  c.search_phase1.box_size = 2
+  c.search_phase2.epochs = 4
+  c.search_phase2.flip = False
+  c.train.width = 32
+  c.train.epochs = 30
+  c.train.warmup_epochs = 2
+  c.train.flip = False
+  c.train.crop_padding = 2
+  c.retrieval.width = 32
+  c.retrieval.embed_dim = 64
+  c.retrieval.epochs = 15
+  c.retrieval.warmup_epochs = 1
+  c.retrieval.flip = False
+  c.retrieval.crop_padding = 2
+  if arg == "tiny":
+    c.search_phase1.epochs = 1
+    c.search_phase2.epochs = 1
+    c.train.width = 16
+    c.train.epochs = 1
+    c.train.warmup_epochs = 0
+    c.retrieval.width = 16
+    c.retrieval.embed_dim = 16
+    c.retrieval.epochs = 1
+    c.retrieval.warmup_epochs = 0
+  elif arg:
+    raise ValueError(f"Unknown quickstart variant {arg!r}; valid choices: tiny.")
+  return c

@@ -1,0 +1,152 @@
+"""The stage-wise search space and the discrete architectures (genotypes) it contains.
+
+The network has five stages (normal, reduce, normal, reduce, normal) of three layers
+each. A search space lists, per stage, the candidate attention ops every layer of
+that stage chooses among; a genotype names the one op chosen for each of the 15
+layers. Both are plain data, so configs, JSON files and tests can hold them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+from fanas_jax.ops.layers import OPS, ORIGINAL_OPS
+
+STAGE_KINDS = ("normal", "reduce", "normal", "reduce", "normal")
+NUM_STAGES = len(STAGE_KINDS)
+LAYERS_PER_STAGE = 3
+
+
+def stage_name(stage: int) -> str:
+  return f"stage{stage + 1}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """Per-stage candidate op names; every layer of a stage shares its stage's list."""
+  candidates: tuple[tuple[str, ...], ...]
+
+  def __post_init__(self):
+    if len(self.candidates) != NUM_STAGES:
+      raise ValueError(
+          f"A search space needs {NUM_STAGES} stages of candidates, got "
+          f"{len(self.candidates)}.")
+    for s, ops in enumerate(self.candidates):
+      if not ops:
+        raise ValueError(f"{stage_name(s)} has no candidate ops.")
+      if len(set(ops)) != len(ops):
+        raise ValueError(f"{stage_name(s)} lists an op twice: {list(ops)}.")
+      OPS.check_all(ops, key="search.candidates")
+
+  @classmethod
+  def uniform(cls, ops: Sequence[str] = ORIGINAL_OPS) -> "SearchSpace":
+    return cls(tuple(tuple(ops) for _ in range(NUM_STAGES)))
+
+  def layer_ops(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """[stage][layer] -> candidate ops, the form the network is built from."""
+    return tuple(tuple(ops for _ in range(LAYERS_PER_STAGE)) for ops in self.candidates)
+
+  def alpha_shapes(self) -> dict[str, tuple[int, int]]:
+    return {stage_name(s): (LAYERS_PER_STAGE, len(ops))
+            for s, ops in enumerate(self.candidates)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeriveLimits:
+  """Per-stage limits of the original parser: at most this many 7x7 / global ops."""
+  max_window7: int | None = 1
+  max_global: int | None = 1
+
+  def violations(self, ops: Sequence[str]) -> list[str]:
+    specs = [OPS.get(op) for op in ops]
+    problems = []
+    n7 = sum(spec.window == 7 for spec in specs)
+    ng = sum(spec.is_global for spec in specs)
+    if self.max_window7 is not None and n7 > self.max_window7:
+      problems.append(f"{n7} 7x7 local ops (at most {self.max_window7})")
+    if self.max_global is not None and ng > self.max_global:
+      problems.append(f"{ng} global ops (at most {self.max_global})")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Genotype:
+  """One op per layer: stages[s][l] is the op of layer l of stage s."""
+  stages: tuple[tuple[str, ...], ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
+    if len(self.stages) != NUM_STAGES:
+      raise ValueError(
+          f"A genotype has {NUM_STAGES} stages, got {len(self.stages)}.")
+    for s, ops in enumerate(self.stages):
+      if len(ops) != LAYERS_PER_STAGE:
+        raise ValueError(
+            f"{stage_name(s)} of the genotype has {len(ops)} layers; each stage has "
+            f"{LAYERS_PER_STAGE}.")
+      OPS.check_all(ops, key="genotype")
+
+  def check_limits(self, limits: DeriveLimits) -> None:
+    for s, ops in enumerate(self.stages):
+      problems = limits.violations(ops)
+      if problems:
+        raise ValueError(
+            f"Genotype {stage_name(s)} {list(ops)} breaks the derive limits: "
+            + "; ".join(problems) + ".")
+
+  def layer_ops(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    return tuple(tuple((op,) for op in ops) for ops in self.stages)
+
+  def to_dict(self) -> dict[str, list[str]]:
+    return {stage_name(s): list(ops) for s, ops in enumerate(self.stages)}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Sequence[str]]) -> "Genotype":
+    expected = [stage_name(s) for s in range(NUM_STAGES)]
+    if sorted(d) != sorted(expected):
+      raise ValueError(f"A genotype has the keys {expected}, got {sorted(d)}.")
+    return cls(tuple(tuple(d[k]) for k in expected))
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Genotype":
+    return cls.from_dict(json.loads(text))
+
+  def table(self) -> str:
+    """A fixed-width table, one row per stage, for logs and the summary."""
+    rows = ["| stage | kind | layer 1 | layer 2 | layer 3 |",
+            "|---|---|---|---|---|"]
+    for s, ops in enumerate(self.stages):
+      first = ops[0] + (" (stride 2)" if STAGE_KINDS[s] == "reduce" else "")
+      rows.append(f"| {s + 1} | {STAGE_KINDS[s]} | {first} | {ops[1]} | {ops[2]} |")
+    return "\n".join(rows)
+
+
+# The architecture found by the original search (its shipped genotype).
+NAMED_GENOTYPES: dict[str, Genotype] = {
+    "original": Genotype((
+        ("local7_h4", "local5_h4", "local3_h8"),
+        ("local3_h4", "local7_h8", "local5_h4"),
+        ("local3_h8", "local3_h4", "local5_h8"),
+        ("local3_h4", "local3_h4", "local7_h8"),
+        ("nonlocal", "local3_h8", "local3_h4"),
+    )),
+}
+
+
+def search_space_from_config(candidates: Any) -> SearchSpace:
+  """Config value -> SearchSpace: a list of op names (all stages) or 5 lists."""
+  cands = list(candidates)
+  if cands and all(isinstance(c, str) for c in cands):
+    return SearchSpace.uniform(cands)
+  return SearchSpace(tuple(tuple(c) for c in cands))
+
+
+def named_genotype(name: str) -> Genotype:
+  if name not in NAMED_GENOTYPES:
+    raise ValueError(f"Unknown genotype {name!r} (config key train.genotype); valid "
+                     f"choices: {', '.join(sorted(NAMED_GENOTYPES))}, or 'searched'.")
+  return NAMED_GENOTYPES[name]

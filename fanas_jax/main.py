@@ -1,0 +1,85 @@
+"""Command line: python -m fanas_jax.main --config=configs/NAME.py --workdir=DIR.
+
+Thin on purpose: all logic lives in importable modules (experiment.run), which
+Colab notebooks and tests call directly.
+"""
+import importlib.util
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fanas_jax import config_checks, experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for results, checkpoints and logs; rerun to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str) -> None:
+  print(f"fanas_jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _load_config(argv: list[str]):
+  """The config named by --config=PATH[:ARG], loaded the way config_flags does."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("fanas_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Names the first --config.a.b override whose key the config does not have."""
+  try:
+    config = _load_config(argv)
+  except Exception:  # The config file itself is broken: absl's message says how.
+    return None
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(path):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = ".".join(path[:depth]) or "the config"
+        return (f"unknown config key {'.'.join(path[:depth + 1])!r} in {arg.split('=')[0]}; "
+                f"valid keys of {where}: {', '.join(sorted(keys))}.")
+      node = node[key]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with one clear line instead of a traceback for bad overrides."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    _fail(_unknown_override(argv) or f"bad config override: {e}")
+  return []
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Keep library INFO logs off the console.
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value)
+  except config_checks.ConfigError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,180 @@
+"""One network definition for the supernet and the derived network.
+
+`Backbone` builds the five-stage network of SPEC.md 1 from `layer_ops`
+([stage][layer] -> candidate op names). A layer with several candidates is a
+DARTS-style mixture weighted by softmax(alpha); a layer with one candidate is that
+op alone, so a derived network is the static special case and compiles no dead
+branches. Architecture parameters (alphas) are passed in explicitly, never stored
+in 'params', so weight and architecture gradients are two clean argnums.
+
+Parameter paths are `backbone/stage{s}_layer{l}_{op}/...` in both forms, which is
+what makes inheriting the chosen ops' supernet weights a plain subtree copy.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fanas_jax.genotype import LAYERS_PER_STAGE, STAGE_KINDS, stage_name
+from fanas_jax.ops.layers import STEMS, Bottleneck
+from fanas_jax.registry import Registry
+
+LayerOps = Sequence[Sequence[Sequence[str]]]
+
+
+def stage_widths(width: int) -> list[int]:
+  """Reduce stages double the width: C, 2C, 2C, 4C, 4C for the default layout."""
+  widths, w = [], width
+  for kind in STAGE_KINDS:
+    if kind == "reduce":
+      w *= 2
+    widths.append(w)
+  return widths
+
+
+def mixture_weights(alpha: jax.Array) -> jax.Array:
+  """softmax over each layer's candidates; alpha: [layers, n_ops]."""
+  return jax.nn.softmax(alpha.astype(jnp.float32), axis=-1)
+
+
+class Backbone(nn.Module):
+  """Stem + five stages; returns the features every head may need."""
+  layer_ops: Any  # tuple [stage][layer] -> tuple of op names
+  width: int
+  stem: str = "attention"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, alphas: Mapping[str, jax.Array] | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    x = STEMS.get(self.stem, key="model.stem")(self.width, self.dtype, self.bn_axis_name,
+                                                 name="stem")(x, train)
+    features = {}
+    for s, (kind, width) in enumerate(zip(STAGE_KINDS, stage_widths(self.width))):
+      name = stage_name(s)
+      # Stage preprocessing: ReLU -> 1x1 conv -> BN.
+      x = nn.relu(x)
+      x = nn.Conv(width, (1, 1), use_bias=False, dtype=self.dtype,
+                  name=f"{name}_pre_conv")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       axis_name=self.bn_axis_name, dtype=self.dtype,
+                       name=f"{name}_pre_bn")(x)
+      for l in range(LAYERS_PER_STAGE):
+        ops = tuple(self.layer_ops[s][l])
+        stride = 2 if (kind == "reduce" and l == 0) else 1
+        outs = [Bottleneck(op, width, stride, dtype=self.dtype,
+                           bn_axis_name=self.bn_axis_name,
+                           name=f"{name}_layer{l + 1}_{op}")(x, train)
+                for op in ops]
+        if len(outs) == 1:
+          x = outs[0]
+        else:
+          if alphas is None:
+            raise ValueError("A supernet (several candidates per layer) needs alphas.")
+          w = mixture_weights(alphas[name])[l]
+          x = sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
+      features[name] = x
+    return features
+
+
+class ClassifierHead(nn.Module):
+  """Global average pooling, dropout, dense classifier."""
+  num_classes: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    x = jnp.mean(features["stage5"].astype(jnp.float32), axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class EmbeddingHead(nn.Module):
+  """GAP, dense, L2 normalisation: the metric-learning embedding.
+
+  With `num_proxies` > 0 the head also owns one learned proxy per training class
+  (proxy-anchor loss) and returns {'embedding', 'proxies'}, both unit-norm.
+  """
+  embed_dim: int
+  num_proxies: int = 0
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    x = jnp.mean(features["stage5"].astype(jnp.float32), axis=(1, 2))
+    x = l2_normalize(nn.Dense(self.embed_dim)(x))
+    if not self.num_proxies:
+      return {"embedding": x}
+    proxies = self.param("proxies", nn.initializers.normal(1.0),
+                         (self.num_proxies, self.embed_dim))
+    return {"embedding": x, "proxies": l2_normalize(proxies)}
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+class CARDecoder(nn.Module):
+  """Decoder of the context auto-regression pretext (only used while searching).
+
+  A low-level feature (end of stage 2, 1/2 resolution) through 1x1 conv -> 16 + BN,
+  the high-level feature (end of stage 5, 1/4 resolution) bilinearly upsampled to
+  1/2, concatenated, 3x3 conv -> 32 + BN + ReLU, 1x1 conv (with bias) -> image
+  channels, bilinearly upsampled to the input resolution.
+  """
+  out_channels: int
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features, train: bool = False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                   epsilon=1e-5, axis_name=self.bn_axis_name,
+                                   name=name)
+    low = features["stage2"].astype(jnp.float32)
+    high = features["stage5"].astype(jnp.float32)
+    b, h, w, _ = low.shape
+    low = bn("low_bn")(nn.Conv(16, (1, 1), use_bias=False, name="low_conv")(low))
+    high = jax.image.resize(high, (b, h, w, high.shape[-1]), "bilinear")
+    x = jnp.concatenate([low, high], axis=-1)
+    x = nn.relu(bn("fuse_bn")(nn.Conv(32, (3, 3), use_bias=False, name="fuse_conv")(x)))
+    x = nn.Conv(self.out_channels, (1, 1), use_bias=True, name="out_conv")(x)
+    return jax.image.resize(x, (b, 2 * h, 2 * w, self.out_channels), "bilinear")
+
+
+HEADS: Registry = Registry("head")
+HEADS.add("classifier", lambda cfg: ClassifierHead(cfg["num_classes"], cfg.get("dropout", 0.0)))
+HEADS.add("embedding", lambda cfg: EmbeddingHead(cfg["embed_dim"], cfg.get("num_proxies", 0)))
+HEADS.add("car_decoder", lambda cfg: CARDecoder(cfg["out_channels"], cfg.get("bn_axis_name")))
+
+
+class Model(nn.Module):
+  """Backbone + one task head; params are {'backbone': ..., 'task_head': ...}."""
+  layer_ops: Any
+  width: int
+  head: str
+  head_config: Any  # a hashable tuple of (key, value) pairs
+  stem: str = "attention"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  def setup(self):
+    self.backbone = Backbone(self.layer_ops, self.width, self.stem, self.dtype,
+                             self.bn_axis_name)
+    self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
+
+  def __call__(self, x, alphas=None, train: bool = False):
+    return self.task_head(self.backbone(x, alphas, train), train)
+
+
+def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
+  return tuple(tuple(tuple(ops) for ops in stage) for stage in layer_ops)
+
+
+def make_model(layer_ops: LayerOps, width: int, head: str, *, stem: str = "attention",
+               dtype: Any = jnp.float32, bn_axis_name: str | None = None,
+               **head_config) -> Model:
+  return Model(freeze_layer_ops(layer_ops), width, head,
+               tuple(sorted(head_config.items())), stem, dtype, bn_axis_name)

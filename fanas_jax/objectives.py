@@ -1,0 +1,119 @@
+"""Search and training objectives, registered by name.
+
+An objective turns a batch into network inputs and targets, names the head the
+network needs, and scores the head's output. `car` is the paper's context
+auto-regression pretext: zero random boxes of the image and restore the whole clean
+image (L1). The masked image is the input and the clean image the target in BOTH
+the weight and the architecture step (the released code fed the clean image to the
+architecture step; we do not). `supervised` is cross-entropy for phase 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fanas_jax.registry import Registry
+
+Batch = dict[str, jax.Array]
+
+
+def box_mask(rng: jax.Array, image_size: int, num_boxes: int, box_size: int) -> jax.Array:
+  """[H, W] float mask, 0 inside `num_boxes` random box_size x box_size boxes, else 1.
+
+  Box positions are drawn once per batch (shared by its images) and every box lies
+  fully inside the image.
+  """
+  if box_size > image_size:
+    raise ValueError(f"box_size {box_size} exceeds image_size {image_size}.")
+  corners = jax.random.randint(rng, (num_boxes, 2), 0, image_size - box_size + 1)
+  coords = jnp.arange(image_size)
+  rows = (coords[None, :] >= corners[:, :1]) & (coords[None, :] < corners[:, :1] + box_size)
+  cols = (coords[None, :] >= corners[:, 1:]) & (coords[None, :] < corners[:, 1:] + box_size)
+  inside = jnp.any(rows[:, :, None] & cols[:, None, :], axis=0)
+  return 1.0 - inside.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """How a batch becomes (inputs, targets) and how the head output is scored."""
+  head: str
+  make_inputs: Callable[[Batch, jax.Array], tuple[jax.Array, jax.Array]]
+  loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _car(config: Any) -> Objective:
+  image_size, num_boxes, box_size = (config.image_size, config.num_boxes,
+                                     config.box_size)
+
+  def make_inputs(batch, rng):
+    clean = batch["image"]
+    mask = box_mask(rng, image_size, num_boxes, box_size)
+    return clean * mask[None, :, :, None], clean
+
+  def loss(pred, target):
+    l1 = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target))
+    return l1, {"l1": l1}
+
+  return Objective("car_decoder", make_inputs, loss)
+
+
+def _supervised(config: Any) -> Objective:
+  del config
+
+  def make_inputs(batch, rng):
+    del rng
+    return batch["image"], batch["label"]
+
+  def loss(logits, labels):
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return ce, {"cross_entropy": ce, "accuracy": acc}
+
+  return Objective("classifier", make_inputs, loss)
+
+
+def proxy_anchor_loss(embedding: jax.Array, proxies: jax.Array, labels: jax.Array,
+                      alpha: float = 32.0, margin: float = 0.1) -> jax.Array:
+  """Proxy-anchor loss (Kim et al., CVPR 2020) on unit-norm embeddings and proxies.
+
+  Positive term averaged over the proxies that have a positive in the batch, negative
+  term over all proxies. Similarities are cosines in [-1, 1], so the exponentials are
+  bounded by exp(alpha * (1 + margin)) and need no log-sum-exp trick in float32.
+  """
+  sim = embedding @ proxies.T
+  pos = jax.nn.one_hot(labels, proxies.shape[0], dtype=sim.dtype)
+  pos_sum = jnp.sum(jnp.exp(-alpha * (sim - margin)) * pos, axis=0)
+  neg_sum = jnp.sum(jnp.exp(alpha * (sim + margin)) * (1.0 - pos), axis=0)
+  has_pos = jnp.sum(pos, axis=0) > 0
+  pos_term = jnp.sum(jnp.where(has_pos, jnp.log1p(pos_sum), 0.0)) / jnp.maximum(
+      jnp.sum(has_pos), 1)
+  return pos_term + jnp.mean(jnp.log1p(neg_sum))
+
+
+def _proxy_anchor(config: Any) -> Objective:
+  alpha, margin = config.get("pa_alpha", 32.0), config.get("pa_margin", 0.1)
+
+  def make_inputs(batch, rng):
+    del rng
+    return batch["image"], batch["label"]
+
+  def loss(out, labels):
+    value = proxy_anchor_loss(out["embedding"], out["proxies"], labels, alpha, margin)
+    return value, {"proxy_anchor": value}
+
+  return Objective("embedding", make_inputs, loss)
+
+
+OBJECTIVES: Registry = Registry("objective")
+OBJECTIVES.add("car", _car)
+OBJECTIVES.add("supervised", _supervised)
+OBJECTIVES.add("proxy_anchor", _proxy_anchor)
+
+
+def make_objective(name: str, config: Any) -> Objective:
+  return OBJECTIVES.get(name, key="objective")(config)

@@ -1,0 +1,169 @@
+"""Training a derived (discrete) network from scratch, and evaluating it.
+
+`run_classification` trains the derived network with a classifier head and reports
+test top-1. `run_retrieval` trains it with an L2-normalised embedding head and the
+proxy-anchor loss on the training classes only, then reports Recall@K on the
+held-out classes (zero-shot retrieval).
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fanas_jax import evaluate, optim, parallel
+from fanas_jax.data import pipeline
+from fanas_jax.data.datasets import get_dataset
+from fanas_jax.genotype import Genotype
+from fanas_jax.logging_utils import MetricWriter, progress
+from fanas_jax.model import Model, make_model
+from fanas_jax.objectives import Objective, make_objective
+from fanas_jax.search import init_variables, make_loss_fn
+from fanas_jax.stage import EpochCheckpoints
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_train_step(model: Model, objective: Objective,
+                    tx: optax.GradientTransformation):
+  loss_fn = make_loss_fn(model, objective)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch, key):
+    key = jax.random.fold_in(key, state.step)
+    (loss, (metrics, batch_stats)), grads = grad_fn(
+        state.params, None, state.batch_stats, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return step
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objective,
+        data: Any, cfg: Any) -> tuple[TrainState, Any]:
+  """Trains `model` on `data` with the cfg recipe; resumes from checkpoints."""
+  spec = get_dataset(config.dataset)
+  mesh = parallel.make_mesh()
+  steps_per_epoch = pipeline.steps_per_epoch(len(data), cfg.batch_size)
+  total_steps = cfg.epochs * steps_per_epoch
+  tx = optim.train_optimizer(cfg, steps_per_epoch)
+  it = pipeline.train_iterator(
+      data, batch_size=parallel.process_batch_size(cfg.batch_size),
+      image_size=config.image_size, mean=spec.mean, std=spec.std,
+      seed=config.seed + zlib.crc32(stage.encode()) % 1000, flip=cfg.flip,
+      crop_padding=cfg.crop_padding, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
+  k_init, k_steps = jax.random.split(key)
+  shape = (1, config.image_size, config.image_size, spec.channels)
+  variables = init_variables(model, k_init, shape)
+  state = parallel.replicate(TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
+
+  ckpts = EpochCheckpoints(workdir, stage, [it])
+  state, start_epoch, _ = ckpts.restore_or(state)
+  step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
+  writer = MetricWriter(workdir, stage)
+  print(f"[{stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
+        f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
+        f"lr={cfg.lr} on {jax.device_count()} devices")
+  bar = progress(total_steps, start_epoch * steps_per_epoch, cfg.batch_size, stage)
+  for epoch in range(start_epoch, cfg.epochs):
+    sums, t0 = None, time.time()
+    for _ in range(steps_per_epoch):
+      state, metrics = step_fn(state, parallel.shard_batch(next(it), mesh), k_steps)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      bar.update(cfg.batch_size)
+    means = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+    bar.set_postfix(loss=f"{means['loss']:.3f}")
+    writer.write(int(state.step), dict(means, epoch=epoch + 1,
+                                       epoch_seconds=time.time() - t0))
+    ckpts.save(int(state.step), epoch + 1, state, {})
+  bar.close()
+  ckpts.close()
+  return state, writer
+
+
+def _eval_apply(model: Model):
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def run_classification(config: Any, workdir: str, genotype: Genotype,
+                       stage: str = "train") -> dict[str, Any]:
+  cfg = config.train
+  spec = get_dataset(config.dataset)
+  model = make_model(genotype.layer_ops(), cfg.width, "classifier", stem=config.model.stem,
+                     num_classes=spec.num_classes, dropout=cfg.dropout)
+  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None)
+  test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None)
+  state, writer = fit(config, workdir, stage, model, make_objective("supervised", cfg),
+                      train_data, cfg)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  correct = total = 0.0
+  for logits, labels, mask in evaluate.predict(
+      _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
+      image_size=config.image_size, mean=spec.mean, std=spec.std,
+      mesh=parallel.make_mesh()):
+    c, n = evaluate.top1_accuracy(logits, labels, mask)
+    correct, total = correct + c, total + n
+  top1 = correct / total
+  writer.write(int(state.step), {"test_top1": top1, "test_examples": total})
+  writer.close()
+  print(f"[{stage}] test top-1 {top1:.4f} on {int(total)} {cfg.eval_split} examples")
+  return {"test_top1": top1, "test_examples": int(total),
+          "params": count_params(state.params), "genotype": genotype.to_dict(),
+          "width": cfg.width, "epochs": cfg.epochs, "init": "scratch"}
+
+
+def run_retrieval(config: Any, workdir: str, genotype: Genotype,
+                  stage: str = "retrieval") -> dict[str, Any]:
+  cfg = config.retrieval
+  spec = get_dataset(config.dataset)
+  train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
+  model = make_model(genotype.layer_ops(), cfg.width, "embedding", stem=config.model.stem,
+                     embed_dim=cfg.embed_dim, num_proxies=len(train_classes))
+  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+                                   classes=train_classes, relabel=True)
+  test_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+                                  classes=test_classes)
+  state, writer = fit(config, workdir, stage, model, make_objective("proxy_anchor", cfg),
+                      train_data, cfg)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  embeddings, labels = [], []
+  for out, lab, mask in evaluate.predict(
+      _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
+      image_size=config.image_size, mean=spec.mean, std=spec.std,
+      mesh=parallel.make_mesh()):
+    keep = mask > 0
+    embeddings.append(out["embedding"][keep])
+    labels.append(lab[keep])
+  recall = evaluate.recall_at_k(np.concatenate(embeddings), np.concatenate(labels),
+                                cfg.recall_ks)
+  writer.write(int(state.step), {f"recall_at_{k}": v for k, v in recall.items()})
+  writer.close()
+  print(f"[{stage}] zero-shot retrieval on classes {test_classes}: " +
+        ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()))
+  return {"recall": {str(k): v for k, v in recall.items()},
+          "train_classes": train_classes, "test_classes": test_classes,
+          "test_examples": int(sum(len(l) for l in labels)),
+          "params": count_params(state.params), "genotype": genotype.to_dict()}

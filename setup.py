@@ -1,0 +1,30 @@
+"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fanas_jax",
+    version="0.1.0",
+    description=("Full-attention neural architecture search with context "
+                 "auto-regression, in JAX/Flax."),
+    packages=find_packages(include=["fanas_jax", "fanas_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "absl-py",
+        "array-record",
+        "chex",
+        "flax>=0.10",
+        "grain>=0.2.10",
+        "jax>=0.6",
+        "matplotlib",
+        "ml-collections",
+        "numpy",
+        "optax",
+        "orbax-checkpoint",
+        "pillow",
+        "scikit-learn",
+        "tensorboardX",
+        "tensorflow-datasets>=4.9.7",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+)

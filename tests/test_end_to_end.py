@@ -1,0 +1,103 @@
+"""The whole pipeline through the command line, at tiny sizes, and its outputs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fanas_jax.genotype import Genotype, DeriveLimits
+from fanas_jax.ops.layers import ORIGINAL_OPS
+from tests.conftest import ROOT
+
+
+def _run(workdir, *overrides):
+  cmd = [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
+         f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_pipeline_writes_every_output(finished_run):
+  workdir, proc = finished_run
+  for path in ["config.json", "genotype.json", "summary.md", "metrics.jsonl",
+               "search_phase1/genotype.json", "search_phase1/alpha_history.json",
+               "search_phase1/alpha_heatmap.png", "search_phase2/genotype.json",
+               "search_phase2/alpha_history.json", "train/result.json",
+               "retrieval/result.json", "search_phase1/checkpoints", "train/checkpoints"]:
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.listdir(os.path.join(workdir, "tensorboard", "train"))
+
+  record = json.load(open(os.path.join(workdir, "genotype.json")))
+  genotype = Genotype.from_dict(record["genotype"])
+  assert all(op in ORIGINAL_OPS for ops in genotype.stages for op in ops)
+  assert sum(len(ops) for ops in genotype.stages) == 15
+  genotype.check_limits(DeriveLimits(1, 1))
+  assert record["rule"] == "constrained" and record["from_stage"] == "search_phase2"
+
+  # Phase 2 started from phase 1's alphas.
+  phase1 = json.load(open(os.path.join(workdir, "search_phase1", "result.json")))
+  history2 = json.load(open(os.path.join(workdir, "search_phase2", "alpha_history.json")))
+  assert phase1["final_alphas"].keys() == history2[0]["alphas"].keys()
+
+  train = json.load(open(os.path.join(workdir, "train", "result.json")))
+  assert 0.0 <= train["test_top1"] <= 1.0 and train["test_examples"] == 359
+  retrieval = json.load(open(os.path.join(workdir, "retrieval", "result.json")))
+  assert set(retrieval["recall"]) == {"1", "2", "4", "8"}
+  r = [retrieval["recall"][k] for k in ("1", "2", "4", "8")]
+  assert r == sorted(r) and retrieval["test_classes"] == [5, 6, 7, 8, 9]
+
+  stages = {json.loads(l)["stage"] for l in open(os.path.join(workdir, "metrics.jsonl"))}
+  assert stages == {"search_phase1", "search_phase2", "train", "retrieval"}
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  assert "test top-1" in summary and "Recall@1" in summary
+
+
+def test_rerun_skips_finished_stages_and_keeps_results(finished_run):
+  workdir, _ = finished_run
+  before = open(os.path.join(workdir, "train", "result.json")).read()
+  lines = sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl")))
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("finished earlier") == 5
+  assert open(os.path.join(workdir, "train", "result.json")).read() == before
+  assert sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl"))) == lines
+
+
+def test_rerun_with_another_config_is_refused(finished_run):
+  workdir, _ = finished_run
+  proc = _run(workdir, "--config.train.epochs=2")
+  assert proc.returncode == 2
+  assert "different config" in proc.stderr and "train.epochs: 1 -> 2" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.trian.epochs=2", "unknown config key 'trian'"),
+    ("--config.dataset=cifar", "valid choices: sklearn_digits"),
+    ("--config.search.candidates=('local3_h4','conv3')", "valid choices: local3_h4"),
+    ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
+    ("--config.derive.rule=greedy", "valid choices: argmax, constrained"),
+])
+def test_bad_input_fails_before_compute_with_one_line(tmp_path, override, message):
+  proc = _run(str(tmp_path / "w"), override)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("fanas_jax: error:"), proc.stderr
+  assert message in lines[0]
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_batch_not_divisible_by_devices_fails_before_compute(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
+         f"--workdir={tmp_path / 'w'}", "--config.train.batch_size=30"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 2
+  assert "train.batch_size=30 is not divisible by the device count 8" in proc.stderr
