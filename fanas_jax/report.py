@@ -60,8 +60,8 @@ def write_summary(config: Any, workdir: str, results: Mapping[str, Any],
               f"- architecture-half loss: {r['first_a_loss']:.4f} (epoch 1) -> "
               f"{r['final_a_loss']:.4f} (last)",
               f"- weight-half loss (last epoch): {r['final_w_loss']:.4f}",
-              f"- mean alpha entropy per layer: {r['entropy_first']:.4f} -> "
-              f"{r['entropy_last']:.4f} nats (uniform: {np.log(len(candidates[0])):.4f})",
+              f"- mean alpha entropy per layer: {r['entropy_first']:.6f} -> "
+              f"{r['entropy_last']:.6f} nats (uniform: {np.log(len(candidates[0])):.6f})",
               f"- genotype of this phase (epoch {r['epoch']}): "
               f"`{stage}/genotype.json`; alpha heatmap: `{stage}/alpha_heatmap.png`", ""]
   if "derive" in results:

@@ -46,12 +46,12 @@ def test_step_equals_alpha_then_weight_update(setup):
   # weight batch only.
   loss_fn = make_loss_fn(model, objective)
   k_arch, k_weight = jax.random.split(jax.random.fold_in(key, state.step))
-  a_grads = jax.grad(lambda a: loss_fn(state.params, a, state.batch_stats, a_batch,
-                                       k_arch)[0])(state.alphas)
+  a_grads = jax.jit(jax.grad(lambda a: loss_fn(state.params, a, state.batch_stats,
+                                               a_batch, k_arch)[0]))(state.alphas)
   upd, _ = a_tx.update(a_grads, state.a_opt_state, state.alphas)
   alphas = optax.apply_updates(state.alphas, upd)
-  w_grads = jax.grad(lambda p: loss_fn(p, alphas, state.batch_stats, w_batch,
-                                       k_weight)[0])(state.params)
+  w_grads = jax.jit(jax.grad(lambda p: loss_fn(p, alphas, state.batch_stats, w_batch,
+                                               k_weight)[0]))(state.params)
   upd, _ = w_tx.update(w_grads, state.w_opt_state, state.params)
   params = optax.apply_updates(state.params, upd)
 
