@@ -13,20 +13,27 @@ from fanas_jax.stage import stage_dir
 
 
 def plot_alpha_history(history: list[dict[str, Any]], candidates: Any, path: str) -> None:
-  """One heatmap per stage: softmax(alpha) of each layer's ops (rows) over epochs."""
+  """One heatmap per stage: softmax(alpha) - 1/n_ops per layer and op over epochs.
+
+  Deviations from uniform, on one symmetric colour scale for all stages, so the small
+  early moves of a search are visible and stages compare directly.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   names = [stage_name(s) for s in range(len(STAGE_KINDS))]
-  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
-  for ax, (s, name) in zip(axes[0], enumerate(names)):
+  grids = []
+  for name in names:
     a = np.asarray([h["alphas"][name] for h in history])  # [epochs, layers, ops]
     p = np.exp(a - a.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    layers, ops = p.shape[1], p.shape[2]
-    grid = p.transpose(1, 2, 0).reshape(layers * ops, len(history))
-    ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(grid.max(), 1e-6))
+    grids.append((p - 1.0 / p.shape[-1]).transpose(1, 2, 0).reshape(-1, len(history)))
+  limit = max(max(np.abs(g).max() for g in grids), 1e-9)
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+  for ax, (s, name), grid in zip(axes[0], enumerate(names), grids):
+    layers, ops = len(grid) // len(candidates[s]), len(candidates[s])
+    image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
     ax.set_yticks(range(layers * ops))
     ax.set_yticklabels([f"L{l + 1} {candidates[s][o]}" for l in range(layers)
                         for o in range(ops)], fontsize=5)
@@ -34,8 +41,9 @@ def plot_alpha_history(history: list[dict[str, Any]], candidates: Any, path: str
     ax.set_xticks(range(len(history)))
     ax.set_xticklabels([h["epoch"] for h in history], fontsize=6)
     ax.set_title(f"{name} ({STAGE_KINDS[s]})", fontsize=8)
-  fig.suptitle("softmax(alpha) per layer and op over epochs", fontsize=9)
+  fig.suptitle("softmax(alpha) - uniform, per layer and op, over epochs", fontsize=9)
   fig.tight_layout()
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
   fig.savefig(path, dpi=150)
   plt.close(fig)
 

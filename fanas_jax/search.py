@@ -28,7 +28,8 @@ from fanas_jax.genotype import DeriveLimits, SearchSpace, search_space_from_conf
 from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import Model, make_model
 from fanas_jax.objectives import Objective, make_objective
-from fanas_jax.stage import EpochCheckpoints, stage_dir, write_json
+from fanas_jax.stage import (EpochCheckpoints, compile_step, peek, run_epoch, stage_dir,
+                             write_json)
 
 
 @flax.struct.dataclass
@@ -172,16 +173,17 @@ def run_search_phase(config: Any, workdir: str, stage: str,
         f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
         f"({local_batch}/process, {jax.device_count()} devices) "
         f"weight half={len(w_half)} architecture half={len(a_half)}")
+  next_inputs = lambda: (parallel.shard_batch(next(w_iter), mesh),
+                         parallel.shard_batch(next(a_iter), mesh), k_steps)
+  if start_epoch < cfg.epochs:
+    step_fn = compile_step(step_fn, stage, state,
+                           parallel.shard_batch(peek(w_iter), mesh),
+                           parallel.shard_batch(peek(a_iter), mesh), k_steps)
   bar = progress(total_steps, start_epoch * steps_per_epoch, cfg.batch_size, stage)
   for epoch in range(start_epoch, cfg.epochs):
-    sums, t0 = None, time.time()
-    for _ in range(steps_per_epoch):
-      w_batch = parallel.shard_batch(next(w_iter), mesh)
-      a_batch = parallel.shard_batch(next(a_iter), mesh)
-      state, metrics = step_fn(state, w_batch, a_batch, k_steps)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      bar.update(cfg.batch_size)
-    means = {k: float(v) / steps_per_epoch for k, v in _to_numpy(sums).items()}
+    t0 = time.time()
+    state, means = run_epoch(step_fn, state, next_inputs, steps_per_epoch, bar,
+                             cfg.batch_size)
     alphas_np = _to_numpy(state.alphas)
     genotype = derive(alphas_np, space, config.derive.rule, limits)
     entropy = layer_entropy(alphas_np)

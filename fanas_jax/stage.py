@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from fanas_jax.checkpoint import StageCheckpointer
 
@@ -79,3 +81,38 @@ class EpochCheckpoints:
 
   def close(self) -> None:
     self._ckpt.close()
+
+
+def run_epoch(step: Callable, state: Any, next_inputs: Callable[[], tuple], steps: int,
+              bar: Any, batch_size: int) -> tuple[Any, dict[str, float]]:
+  """Runs `steps` steps of `step(state, *next_inputs())`; returns the mean metrics.
+
+  Metrics are summed on device and fetched once, so the host never waits mid-epoch.
+  """
+  sums = None
+  for _ in range(steps):
+    state, metrics = step(state, *next_inputs())
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    bar.update(batch_size)
+  return state, {k: float(v) / steps for k, v in jax.device_get(sums).items()}
+
+
+def compile_step(step: Callable, stage: str, *example_args: Any) -> Callable:
+  """Compiles a jitted step ahead of time and says how long XLA took.
+
+  The first call of a supernet step can spend minutes in XLA; saying so up front
+  beats a progress bar that sits at 0%.
+  """
+  print(f"[{stage}] compiling the step ...", flush=True)
+  t0 = time.time()
+  compiled = step.lower(*example_args).compile()
+  print(f"[{stage}] compiled in {time.time() - t0:.1f} s", flush=True)
+  return compiled
+
+
+def peek(iterator: Any) -> Any:
+  """The next element of a checkpointable iterator, leaving the iterator where it was."""
+  state = iterator.get_state()
+  element = next(iterator)
+  iterator.set_state(state)
+  return element

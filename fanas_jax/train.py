@@ -25,7 +25,7 @@ from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import Model, make_model
 from fanas_jax.objectives import Objective, make_objective
 from fanas_jax.search import init_variables, make_loss_fn
-from fanas_jax.stage import EpochCheckpoints
+from fanas_jax.stage import EpochCheckpoints, compile_step, peek, run_epoch
 
 
 @flax.struct.dataclass
@@ -87,14 +87,15 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
   print(f"[{stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
         f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
         f"lr={cfg.lr} on {jax.device_count()} devices")
+  if start_epoch < cfg.epochs:
+    step_fn = compile_step(step_fn, stage, state, parallel.shard_batch(peek(it), mesh),
+                           k_steps)
   bar = progress(total_steps, start_epoch * steps_per_epoch, cfg.batch_size, stage)
   for epoch in range(start_epoch, cfg.epochs):
-    sums, t0 = None, time.time()
-    for _ in range(steps_per_epoch):
-      state, metrics = step_fn(state, parallel.shard_batch(next(it), mesh), k_steps)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      bar.update(cfg.batch_size)
-    means = {k: float(v) / steps_per_epoch for k, v in jax.device_get(sums).items()}
+    t0 = time.time()
+    state, means = run_epoch(
+        step_fn, state, lambda: (parallel.shard_batch(next(it), mesh), k_steps),
+        steps_per_epoch, bar, cfg.batch_size)
     bar.set_postfix(loss=f"{means['loss']:.3f}")
     writer.write(int(state.step), dict(means, epoch=epoch + 1,
                                        epoch_seconds=time.time() - t0))

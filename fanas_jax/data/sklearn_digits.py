@@ -51,6 +51,14 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   # Python < 3.9, so it fails for builders that live in a package.
   code_path = epath.Path(__file__)
 
+  # TFDS announces a "download" of "Unknown size"; nothing is downloaded here, and
+  # ensure_built prints what really happens.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -99,4 +107,10 @@ def ensure_built(data_dir: str) -> None:
     fcntl.flock(lock, fcntl.LOCK_EX)
     builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-      builder.download_and_prepare()
+      print(f"[data] building {NAME} from the copy inside scikit-learn into "
+            f"{data_dir} (offline, once)")
+      tfds.display_progress_bar(False)  # TFDS's own bars would flood the console.
+      try:
+        builder.download_and_prepare()
+      finally:
+        tfds.display_progress_bar(True)
