@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from fanas_jax.genotype import Genotype, STAGE_KINDS, stage_name
+from fanas_jax.genotype import STAGE_KINDS, Genotype, search_space_from_config, stage_name
 from fanas_jax.stage import stage_dir
 
 
@@ -52,7 +52,6 @@ def write_summary(config: Any, workdir: str, results: Mapping[str, Any],
                   timings: Mapping[str, float]) -> None:
   if jax.process_index() != 0:
     return
-  from fanas_jax.genotype import search_space_from_config
   candidates = search_space_from_config(config.search.candidates).candidates
   lines = ["# fanas_jax run summary", "", f"workdir: `{workdir}`", ""]
   for stage in ("search_phase1", "search_phase2"):
