@@ -39,7 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = STAGES
   c.eval_batch_size = 256
 
-  c.model = ml_collections.ConfigDict(dict(width=16, stem="attention"))
+  c.model = ml_collections.ConfigDict(dict(
+      width=16,               # search supernet width C
+      stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
+      dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay f32)
+      attention_impl="blocked",  # local attention: 'blocked' (fast) or 'scan' (lean)
+  ))
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
   c.search = ml_collections.ConfigDict(dict(candidates=tuple(ORIGINAL_OPS)))
   c.search_phase1 = search_phase(objective="car", epochs=20)

@@ -12,7 +12,9 @@ from fanas_jax import parallel
 from fanas_jax.data.datasets import DATASETS
 from fanas_jax.derive import DERIVE_RULES
 from fanas_jax.genotype import NAMED_GENOTYPES, search_space_from_config
+from fanas_jax.model import DTYPES
 from fanas_jax.objectives import OBJECTIVES
+from fanas_jax.ops.attention import IMPLEMENTATIONS
 from fanas_jax.ops.layers import OPS, STEMS
 
 ALL_STAGES = ("search_phase1", "search_phase2", "derive", "train", "retrieval")
@@ -58,6 +60,11 @@ def _check_batch(value: int, key: str) -> None:
                       f"{jax.process_count()}.")
 
 
+def _check_choice(value: Any, choices: Any, key: str) -> None:
+  if value not in choices:
+    raise ConfigError(f"{key}={value!r} is not one of: {', '.join(sorted(choices))}.")
+
+
 def validate(config: Any) -> None:
   """Raises ConfigError for the first problem found."""
   run = stages(config)
@@ -71,6 +78,8 @@ def validate(config: Any) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   spec = DATASETS.get(config.dataset)
+  _check_choice(config.model.dtype, DTYPES, "model.dtype")
+  _check_choice(config.model.attention_impl, IMPLEMENTATIONS, "model.attention_impl")
 
   reduction = STEMS.get(config.model.stem).reduction * NETWORK_REDUCTION
   size = config.image_size

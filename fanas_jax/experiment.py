@@ -18,8 +18,11 @@ import jax
 import numpy as np
 
 from fanas_jax import config_checks, report
+from fanas_jax.cost import network_cost
+from fanas_jax.data.datasets import get_dataset
 from fanas_jax.derive import derive
-from fanas_jax.genotype import DeriveLimits, Genotype, named_genotype, search_space_from_config
+from fanas_jax.genotype import (DeriveLimits, Genotype, named_genotype, plot_genotype,
+                                search_space_from_config)
 from fanas_jax.search import run_search_phase
 from fanas_jax.stage import read_result, run_once, stage_dir, write_json
 from fanas_jax.train import run_classification, run_retrieval
@@ -61,13 +64,25 @@ def derive_stage(config: Any, workdir: str, search_stage: str) -> dict[str, Any]
   alphas = {k: np.asarray(v) for k, v in found["alphas"].items()}
   genotype = derive(alphas, space, config.derive.rule, limits)
   genotype.check_limits(limits)
+  # The cost of the network the train stage builds from it (arithmetic, no tracing).
+  spec = get_dataset(config.dataset)
+  cost = network_cost(genotype.layer_ops(), config.train.width, config.image_size,
+                      in_channels=spec.channels, stem=config.model.stem,
+                      num_classes=spec.num_classes)
   record = {"genotype": genotype.to_dict(), "from_stage": search_stage,
             "epoch": found["epoch"], "select": config.derive.select,
             "rule": config.derive.rule,
             "limits": {"max_window7": limits.max_window7, "max_global": limits.max_global},
+            "cost": cost.totals(),
             "alphas": found["alphas"]}
   write_json(os.path.join(workdir, "genotype.json"), record)
+  if jax.process_index() == 0:
+    plot_genotype(genotype, os.path.join(workdir, "genotype.png"),
+                  title=f"derived genotype ({config.derive.rule} rule)")
   print("[derive] genotype (" + config.derive.rule + " rule):\n" + genotype.table())
+  print(f"[derive] at train width {cost.width}, {cost.image_size}x{cost.image_size} "
+        f"input, {cost.stem} stem, {cost.num_classes}-class head: "
+        f"{cost.params / 1e6:.3f}M params, {cost.macs / 1e9:.4f} GMACs per image")
   return record
 
 

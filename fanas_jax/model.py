@@ -35,9 +35,16 @@ def stage_widths(width: int) -> list[int]:
   return widths
 
 
-def mixture_weights(alpha: jax.Array) -> jax.Array:
-  """softmax over each layer's candidates; alpha: [layers, n_ops]."""
-  return jax.nn.softmax(alpha.astype(jnp.float32), axis=-1)
+def mixture_weights(alpha: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """softmax over each layer's candidates; alpha: [layers, n_ops].
+
+  mask (same shape, bool) switches candidates off: they get weight exactly 0
+  and no gradient, and the rest renormalise. Every layer needs one live op.
+  """
+  alpha = alpha.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(alpha, axis=-1)
+  return jax.nn.softmax(jnp.where(mask, alpha, -jnp.inf), axis=-1, where=mask)
 
 
 class Backbone(nn.Module):
@@ -47,10 +54,15 @@ class Backbone(nn.Module):
   stem: str = "attention"
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  attention_impl: str = "blocked"
 
   @nn.compact
   def __call__(self, x: jax.Array, alphas: Mapping[str, jax.Array] | None = None,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False,
+               op_mask: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """op_mask: optional per-stage [layers, n_ops] bool; masked candidates are
+    still computed but weighted 0 (remove them from layer_ops to skip them)."""
+    x = x.astype(self.dtype)
     x = STEMS.get(self.stem, key="model.stem")(self.width, self.dtype, self.bn_axis_name,
                                                  name="stem")(x, train)
     features = {}
@@ -68,6 +80,7 @@ class Backbone(nn.Module):
         stride = 2 if (kind == "reduce" and l == 0) else 1
         outs = [Bottleneck(op, width, stride, dtype=self.dtype,
                            bn_axis_name=self.bn_axis_name,
+                           attention_impl=self.attention_impl,
                            name=f"{name}_layer{l + 1}_{op}")(x, train)
                 for op in ops]
         if len(outs) == 1:
@@ -75,7 +88,8 @@ class Backbone(nn.Module):
         else:
           if alphas is None:
             raise ValueError("A supernet (several candidates per layer) needs alphas.")
-          w = mixture_weights(alphas[name])[l]
+          mask = None if op_mask is None else op_mask[name]
+          w = mixture_weights(alphas[name], mask)[l]
           x = sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
       features[name] = x
     return features
@@ -159,22 +173,37 @@ class Model(nn.Module):
   stem: str = "attention"
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  attention_impl: str = "blocked"
 
   def setup(self):
     self.backbone = Backbone(self.layer_ops, self.width, self.stem, self.dtype,
-                             self.bn_axis_name)
+                             self.bn_axis_name, self.attention_impl)
     self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
 
-  def __call__(self, x, alphas=None, train: bool = False):
-    return self.task_head(self.backbone(x, alphas, train), train)
+  def __call__(self, x, alphas=None, train: bool = False, op_mask=None):
+    return self.task_head(self.backbone(x, alphas, train, op_mask), train)
 
 
 def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
   return tuple(tuple(tuple(ops) for ops in stage) for stage in layer_ops)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_options(model_config: Any) -> dict[str, Any]:
+  """The network-wide options of config.model, as make_model keyword arguments.
+
+  dtype is the compute dtype; parameters are always float32 (flax's param_dtype),
+  and heads, losses and BN statistics stay float32.
+  """
+  return {"stem": model_config.stem, "dtype": DTYPES[model_config.dtype],
+          "attention_impl": model_config.attention_impl}
+
+
 def make_model(layer_ops: LayerOps, width: int, head: str, *, stem: str = "attention",
                dtype: Any = jnp.float32, bn_axis_name: str | None = None,
-               **head_config) -> Model:
+               attention_impl: str = "blocked", **head_config) -> Model:
   return Model(freeze_layer_ops(layer_ops), width, head,
-               tuple(sorted(head_config.items())), stem, dtype, bn_axis_name)
+               tuple(sorted(head_config.items())), stem, dtype, bn_axis_name,
+               attention_impl)

@@ -11,47 +11,19 @@ import time
 import zlib
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fanas_jax import evaluate, optim, parallel
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
 from fanas_jax.genotype import Genotype
 from fanas_jax.logging_utils import MetricWriter, progress
-from fanas_jax.model import Model, make_model
+from fanas_jax.model import Model, make_model, model_options
 from fanas_jax.objectives import Objective, make_objective
-from fanas_jax.search import init_variables, make_loss_fn
 from fanas_jax.stage import EpochCheckpoints, compile_step, peek, run_epoch
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
-def make_train_step(model: Model, objective: Objective,
-                    tx: optax.GradientTransformation):
-  loss_fn = make_loss_fn(model, objective)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: TrainState, batch, key):
-    key = jax.random.fold_in(key, state.step)
-    (loss, (metrics, batch_stats)), grads = grad_fn(
-        state.params, None, state.batch_stats, batch, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), metrics
-
-  return step
+from fanas_jax.steps import TrainState, init_variables, make_train_step
 
 
 def count_params(tree: Any) -> int:
@@ -113,7 +85,7 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
                        stage: str = "train") -> dict[str, Any]:
   cfg = config.train
   spec = get_dataset(config.dataset)
-  model = make_model(genotype.layer_ops(), cfg.width, "classifier", stem=config.model.stem,
+  model = make_model(genotype.layer_ops(), cfg.width, "classifier", **model_options(config.model),
                      num_classes=spec.num_classes, dropout=cfg.dropout)
   train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None)
   test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None)
@@ -141,7 +113,7 @@ def run_retrieval(config: Any, workdir: str, genotype: Genotype,
   cfg = config.retrieval
   spec = get_dataset(config.dataset)
   train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
-  model = make_model(genotype.layer_ops(), cfg.width, "embedding", stem=config.model.stem,
+  model = make_model(genotype.layer_ops(), cfg.width, "embedding", **model_options(config.model),
                      embed_dim=cfg.embed_dim, num_proxies=len(train_classes))
   train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
                                    classes=train_classes, relabel=True)

@@ -81,7 +81,7 @@ def test_rerun_with_another_config_is_refused(finished_run):
 @pytest.mark.parametrize("override, message", [
     ("--config.trian.epochs=2", "unknown config key 'trian'"),
     ("--config.dataset=cifar", "valid choices: sklearn_digits"),
-    ("--config.search.candidates=('local3_h4','conv3')", "valid choices: local3_h4"),
+    ("--config.search.candidates=('local3_h4','conv3')", "valid choices: axial_h4"),
     ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
     ("--config.derive.rule=greedy", "valid choices: argmax, constrained"),
 ])

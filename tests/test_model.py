@@ -73,14 +73,91 @@ def test_supernet_output_depends_on_alphas_and_has_alpha_gradients():
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
 
 
-def test_named_original_genotype_builds_at_cifar_width():
+def _random_variables(shapes, seed):
+  """Numpy-random weights of the given shapes: far cheaper than compiling a big
+  network's initialisers on CPU, and non-degenerate (no zero BN scales)."""
+  rng = np.random.default_rng(seed)
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if name.endswith(("['var']", "['scale']")):
+      value = rng.uniform(0.5, 1.5, x.shape)
+    elif name.endswith("['kernel']"):  # fan-in scaling keeps the signal alive
+      value = rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    else:
+      value = 0.1 * rng.standard_normal(x.shape)
+    return jnp.asarray(value, x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.mark.parametrize("width,size,stem,classes", [
+    (96, 32, "attention", 10),   # the CIFAR network
+    (112, 224, "conv", 1000),    # the ImageNet network
+])
+def test_named_original_genotype_builds_and_runs(width, size, stem, classes):
   g = NAMED_GENOTYPES["original"]
-  model = make_model(g.layer_ops(), 96, "classifier", num_classes=10)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  model = make_model(g.layer_ops(), width, "classifier", stem=stem, num_classes=classes)
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
-  assert 0.3e6 < n < 5e6
-  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3))), shapes)
-  assert logits.shape == (2, 10)
+  assert 0.3e6 < n < 2e7
+  logits = jax.jit(model.apply)(_random_variables(shapes, 0), x)
+  assert logits.shape == (2, classes) and np.all(np.isfinite(logits))
+
+
+def test_op_mask_equals_the_supernet_without_the_masked_ops():
+  """Masked candidates weigh exactly 0 and get no alpha gradient: the network is
+  the smaller supernet of the live candidates, with the same weights."""
+  kept = CANDIDATES[:2]
+  full = make_model(SPACE.layer_ops(), 16, "classifier", num_classes=10)
+  small = make_model(SearchSpace.uniform(kept).layer_ops(), 16, "classifier",
+                     num_classes=10)
+  alphas = {k: jax.random.normal(jax.random.key(i), v)
+            for i, (k, v) in enumerate(SPACE.alpha_shapes().items())}
+  variables = perturb(full.init(jax.random.key(4), X, alphas), 6)
+  small_shapes = jax.eval_shape(small.init, jax.random.key(4), X,
+                                {k: a[:, :2] for k, a in alphas.items()})
+  sub = lambda src, like: {k: sub(src[k], v) if isinstance(v, dict) else src[k]
+                           for k, v in like.items()}
+  small_vars = {c: sub(variables[c], small_shapes[c]) for c in small_shapes}
+  mask = {k: jnp.asarray([[op in kept for op in CANDIDATES]] * 3) for k in alphas}
+
+  masked = lambda a: full.apply(variables, X, a, op_mask=mask)
+  want = small.apply(small_vars, X, {k: a[:, :2] for k, a in alphas.items()})
+  np.testing.assert_allclose(masked(alphas), want, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda a: jnp.sum(masked(a) ** 2))(alphas)
+  for name, g in grads.items():
+    assert np.all(g[:, 2] == 0) and np.abs(g[:, :2]).max() > 0, name
+
+
+def test_blocked_and_scan_attention_give_the_same_supernet():
+  alphas = {k: jax.random.normal(jax.random.key(i), v)
+            for i, (k, v) in enumerate(SPACE.alpha_shapes().items())}
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  models = [make_model(SPACE.layer_ops(), 16, "classifier", num_classes=10,
+                       attention_impl=impl) for impl in ("blocked", "scan")]
+  variables = perturb(models[0].init(jax.random.key(3), x, alphas), 7)
+  blocked, scan = (m.apply(variables, x, alphas) for m in models)
+  np.testing.assert_allclose(blocked, scan, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_network_is_finite_and_close_to_float32():
+  """bf16 compute with f32 params: logits within 1e-2 relative (L2) of float32
+  (inference with fixed BN statistics; per-op errors are in test_ops)."""
+  g = NAMED_GENOTYPES["original"]
+  x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  f32, bf16 = (make_model(g.layer_ops(), 32, "classifier", num_classes=10, dtype=dt)
+               for dt in (jnp.float32, jnp.bfloat16))
+  shapes = jax.eval_shape(f32.init, jax.random.key(0), x)
+  variables = _random_variables(shapes, 1)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(
+      jax.eval_shape(bf16.init, jax.random.key(0), x)))
+  want = np.asarray(jax.jit(f32.apply)(variables, x))
+  got = np.asarray(jax.jit(bf16.apply)(variables, x))
+  assert np.all(np.isfinite(got))
+  # The logits must depend on the input, or closeness would be trivial.
+  assert np.abs(want - want.mean(0)).max() > 0.01 * np.abs(want).max()
+  error = np.linalg.norm(got - want) / np.linalg.norm(want)
+  assert error < 1e-2, error
 
 
 def test_supernet_without_alphas_is_an_error():

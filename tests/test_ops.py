@@ -11,8 +11,12 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
-from fanas_jax.ops import (AttentionStem, Bottleneck, ConvStem, LocalAttention,
-                           NonLocal, OPS, ORIGINAL_OPS, STEMS, local_attention)
+from fanas_jax.ops import (AttentionStem, AxialAttention, Bottleneck, ConvStem,
+                           LocalAttention, NonLocal, OPS, ORIGINAL_OPS,
+                           OpOptions, STEMS, local_attention)
+from fanas_jax.ops.attention import default_block_size
+
+IMPLS = ("blocked", "scan")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -60,6 +64,7 @@ def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
   return rng.standard_normal(shape).astype(np.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_heads,channels,window,use_rel", [
     (1, 8, 3, True),
     (2, 8, 5, True),
@@ -68,7 +73,7 @@ def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
     (3, 6, 3, True),  # Head 1 straddles the row/column halves.
 ])
 def test_local_attention_matches_brute_force(num_heads, channels, window,
-                                             use_rel):
+                                             use_rel, impl):
   rng = np.random.default_rng(0)
   q, k = _normal(rng, 2, 5, 7, channels), _normal(rng, 2, 5, 7, channels)
   v = _normal(rng, 2, 5, 7, 12)
@@ -76,9 +81,32 @@ def test_local_attention_matches_brute_force(num_heads, channels, window,
   if use_rel:
     rel = dict(rel_row=_normal(rng, window, channels // 2),
                rel_col=_normal(rng, window, channels // 2))
-  out = local_attention(q, k, v, window=window, num_heads=num_heads, **rel)
+  out = local_attention(q, k, v, window=window, num_heads=num_heads, impl=impl,
+                        **rel)
   expected = reference_local_attention(q, k, v, window, num_heads, **rel)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("height,width,window,block_size", [
+    (12, 23, 5, None),  # Blocks of 6 (12); three blocks of 8 padded to 24 (23).
+    (11, 9, 7, 2),      # A halo spanning several blocks; padded last block.
+    (16, 8, 3, 4),      # Exact tiling; a single block along the width.
+    (9, 10, 7, 9),      # Block larger than the width: one padded block.
+])
+def test_blocked_layouts_match_brute_force(height, width, window, block_size):
+  """Every halo layout (padding, multi-block halos, single blocks) is exact."""
+  rng = np.random.default_rng(11)
+  q, k, v = (_normal(rng, 1, height, width, 8) for _ in range(3))
+  rel = dict(rel_row=_normal(rng, window, 4), rel_col=_normal(rng, window, 4))
+  out = local_attention(q, k, v, window=window, num_heads=2, impl="blocked",
+                        block_size=block_size, **rel)
+  expected = reference_local_attention(q, k, v, window, 2, **rel)
+  np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_default_block_sizes_tile_the_paper_maps():
+  assert [default_block_size(n) for n in (32, 16, 8, 28, 14, 7, 56, 12, 23)] == [
+      8, 8, 8, 7, 7, 7, 8, 6, 8]
 
 
 def test_value_mix_matches_brute_force():
@@ -86,13 +114,15 @@ def test_value_mix_matches_brute_force():
   q, k = _normal(rng, 2, 4, 6, 8), _normal(rng, 2, 4, 6, 8)
   v = _normal(rng, 2, 4, 6, 3, 4)
   mix = rng.random((9, 3)).astype(np.float32)
-  out = local_attention(q, k, v, window=3, num_heads=2, value_mix=mix)
+  out = local_attention(q, k, v, window=3, num_heads=2, value_mix=mix,
+                        impl="scan")
   expected = reference_local_attention(q, k, v, 3, 2, value_mix=mix)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("zero_rel", [False, True])
-def test_whole_map_window_is_global_attention(zero_rel):
+def test_whole_map_window_is_global_attention(zero_rel, impl):
   rng = np.random.default_rng(2)
   batch, height, width, heads = 2, 4, 6, 2
   window = 2 * max(height, width) - 1
@@ -103,7 +133,8 @@ def test_whole_map_window_is_global_attention(zero_rel):
   if zero_rel:
     rel = dict(rel_row=np.zeros((window, 4), np.float32),
                rel_col=np.zeros((window, 4), np.float32))
-  out = local_attention(q, k, v, window=window, num_heads=heads, **rel)
+  out = local_attention(q, k, v, window=window, num_heads=heads, impl=impl,
+                        **rel)
   tokens = lambda a: a.reshape(batch, height * width, heads, -1)
   expected = jax.nn.dot_product_attention(tokens(q), tokens(k), tokens(v))
   np.testing.assert_allclose(out, expected.reshape(out.shape), atol=1e-5,
@@ -115,14 +146,16 @@ def test_whole_map_window_with_value_mix_matches_brute_force():
   q, k = _normal(rng, 1, 3, 5, 4), _normal(rng, 1, 3, 5, 4)
   v = _normal(rng, 1, 3, 5, 2, 4)
   mix = rng.random((81, 2)).astype(np.float32)
-  out = local_attention(q, k, v, window=9, num_heads=1, value_mix=mix)
+  out = local_attention(q, k, v, window=9, num_heads=1, value_mix=mix,
+                        impl="scan")
   expected = reference_local_attention(q, k, v, 9, 1, value_mix=mix)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_local_attention_module_is_translation_equivariant():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_local_attention_module_is_translation_equivariant(impl):
   window, shift = 3, (1, 2)
-  module = LocalAttention(channels=8, window=window, num_heads=4)
+  module = LocalAttention(channels=8, window=window, num_heads=4, impl=impl)
   x = jnp.asarray(_normal(np.random.default_rng(4), 1, 10, 12, 8))
   params = module.init(jax.random.key(0), x)
   out = module.apply(params, x)
@@ -134,12 +167,13 @@ def test_local_attention_module_is_translation_equivariant():
       out[:, half:-half - shift[0], half:-half - shift[1]], atol=1e-5)
 
 
-def test_head_count_changes_the_output():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_head_count_changes_the_output(impl):
   rng = np.random.default_rng(5)
   q, k, v = (_normal(rng, 2, 6, 6, 16) for _ in range(3))
   rel = dict(rel_row=_normal(rng, 3, 8), rel_col=_normal(rng, 3, 8))
-  four = local_attention(q, k, v, window=3, num_heads=4, **rel)
-  eight = local_attention(q, k, v, window=3, num_heads=8, **rel)
+  four = local_attention(q, k, v, window=3, num_heads=4, impl=impl, **rel)
+  eight = local_attention(q, k, v, window=3, num_heads=8, impl=impl, **rel)
   assert np.max(np.abs(four - eight)) > 1e-2
 
 
@@ -151,12 +185,19 @@ def test_local_attention_gradients_match_finite_differences():
                         for _ in range(2))
     fn = lambda *args, **kw: local_attention(*args, window=3, num_heads=2,
                                              **kw)
-    check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col),
-                (q, k, v, rel_row, rel_col), order=1, modes=["rev"])
+    for impl in IMPLS:
+      check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
+                                               impl=impl),
+                  (q, k, v, rel_row, rel_col), order=1, modes=["rev"])
+    # A padded, multi-block halo layout.
+    q5, k5, v5 = (jnp.asarray(rng.standard_normal((1, 5, 5, 4))) for _ in range(3))
+    check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
+                                             block_size=2),
+                (q5, k5, v5, rel_row, rel_col), order=1, modes=["rev"])
     mixed_v = jnp.asarray(rng.standard_normal((1, 3, 4, 2, 4)))
     mix = jnp.asarray(rng.random((9, 2)))
-    check_grads(lambda v, mix: fn(q, k, v, value_mix=mix), (mixed_v, mix),
-                order=1, modes=["rev"])
+    check_grads(lambda v, mix: fn(q, k, v, value_mix=mix, impl="scan"),
+                (mixed_v, mix), order=1, modes=["rev"])
 
 
 def _intermediate_sizes(fn, *args) -> list[int]:
@@ -173,19 +214,22 @@ def _intermediate_sizes(fn, *args) -> list[int]:
   return sizes
 
 
-def test_neighbourhood_tensor_is_never_materialised():
-  batch, height, width, channels, window, heads = 2, 5, 6, 16, 5, 2
+@pytest.mark.parametrize("impl", IMPLS)
+def test_neighbourhood_tensor_is_never_materialised(impl):
+  # 12x12 tiles into 2x2 blocks of 6, each attending to its 10x10 halo region.
+  batch, height, width, channels, window, heads = 2, 12, 12, 64, 5, 2
   rng = np.random.default_rng(7)
   q, k, v = (_normal(rng, batch, height, width, channels) for _ in range(3))
   rel = _normal(rng, window, channels // 2)
   # Anything holding half of the (B, H, W, k*k, C) neighbourhood, in any
-  # layout (e.g. scan-stacked [k*k, B, H, W, C] residuals), is flagged; the
-  # legitimate [k*k, B, H, W, heads] logits are C / heads = 8x smaller.
+  # layout (e.g. scan-stacked [k*k, B, H, W, C] residuals), is flagged. The
+  # legitimate per-head logits (scan: k*k per pixel; blocked: 10*10 per pixel)
+  # and the blocked halo keys ((10/6)^2 * 2 heads * 56 channels per pixel) fit.
   limit = batch * height * width * window**2 * channels // 2
 
   def loss(q, k, v, rel):
     return local_attention(q, k, v, window=window, num_heads=heads,
-                           rel_row=rel, rel_col=rel).sum()
+                           rel_row=rel, rel_col=rel, impl=impl).sum()
 
   assert max(_intermediate_sizes(loss, q, k, v, rel)) < limit
   grad = jax.grad(loss, argnums=(0, 1, 2, 3))
@@ -207,6 +251,13 @@ def test_local_attention_rejects_bad_shapes():
     local_attention(x, x, x, window=3, num_heads=3)
   with pytest.raises(ValueError, match="together"):
     local_attention(x, x, x, window=3, num_heads=2, rel_row=jnp.zeros((3, 4)))
+  with pytest.raises(ValueError, match="blocked, scan"):
+    local_attention(x, x, x, window=3, num_heads=2, impl="gather")
+  with pytest.raises(ValueError, match="impl='scan'"):
+    local_attention(x, x, x[..., None, :], window=3, num_heads=2,
+                    value_mix=jnp.ones((9, 1)))
+  with pytest.raises(ValueError, match="xla, cudnn"):
+    local_attention(x, x, x, window=3, num_heads=2, backend="triton")
 
 
 def test_nonlocal_starts_as_identity_then_matches_embedded_gaussian():
@@ -230,10 +281,40 @@ def test_nonlocal_starts_as_identity_then_matches_embedded_gaussian():
                              rtol=1e-4)
 
 
+def _reference_axial(x, kernels, num_heads):
+  """Row attention then column attention, in float64 numpy with explicit heads."""
+  x = np.asarray(x, np.float64)
+  for axis, name in ((2, "row"), (1, "column")):
+    q, k, v = (np.einsum("bhwc,cnd->bhwnd", x, np.asarray(kernels[name][p], np.float64))
+               for p in ("query", "key", "value"))
+    if axis == 2:
+      logits = np.einsum("bhind,bhjnd->bhnij", q, k) / np.sqrt(q.shape[-1])
+      y = np.einsum("bhnij,bhjnd->bhind", _softmax(logits), v)
+    else:
+      logits = np.einsum("biwnd,bjwnd->bwnij", q, k) / np.sqrt(q.shape[-1])
+      y = np.einsum("bwnij,bjwnd->biwnd", _softmax(logits), v)
+    x = y.reshape(x.shape)
+  return x
+
+
+@pytest.mark.parametrize("num_heads", [2, 4])
+def test_axial_attention_matches_row_then_column_reference(num_heads):
+  x = jnp.asarray(_normal(np.random.default_rng(12), 2, 5, 6, 8))
+  module = AxialAttention(channels=8, num_heads=num_heads)
+  variables = module.init(jax.random.key(0), x)
+  params = variables["params"]
+  kernels = {name: {p: params[f"{name}_{p}"]["kernel"]
+                    for p in ("query", "key", "value")}
+             for name in ("row", "column")}
+  np.testing.assert_allclose(module.apply(variables, x),
+                             _reference_axial(x, kernels, num_heads),
+                             atol=1e-5, rtol=1e-5)
+
+
 def test_registry_lists_original_ops_and_reports_valid_choices():
   assert ORIGINAL_OPS == ("local3_h4", "local5_h4", "local7_h4", "local3_h8",
                           "local5_h8", "local7_h8", "nonlocal")
-  assert sorted(OPS.names()) == sorted(ORIGINAL_OPS)
+  assert sorted(OPS.names()) == sorted(ORIGINAL_OPS + ("axial_h4", "axial_h8"))
   for name in ORIGINAL_OPS:
     spec = OPS.get(name)
     assert spec.name == name
@@ -260,7 +341,7 @@ def _shared_paths(post_norm: bool, shortcut: bool) -> set[str]:
           for leaf in (("kernel",) if "conv" in layer else ("scale", "bias"))}
 
 
-@pytest.mark.parametrize("op", ORIGINAL_OPS)
+@pytest.mark.parametrize("op", ORIGINAL_OPS + ("axial_h4", "axial_h8"))
 def test_bottleneck_shapes_and_param_paths(op):
   spec = OPS.get(op)
   for in_channels, features, stride in [(16, 16, 1), (16, 32, 1), (16, 32, 2),
@@ -279,6 +360,11 @@ def test_bottleneck_shapes_and_param_paths(op):
     if spec.is_global:
       expected_op = {"op/theta/kernel", "op/phi/kernel", "op/g/kernel",
                      "op/out/kernel", "op/bn/scale", "op/bn/bias"}
+    elif op.startswith("axial"):
+      expected_op = {f"op/{axis}_{p}/kernel" for axis in ("row", "column")
+                     for p in ("query", "key", "value")}
+      assert paths["op/row_query/kernel"] == (
+          features // 2, spec.num_heads, features // 2 // spec.num_heads)
     else:
       expected_op = {"op/query/kernel", "op/key/kernel", "op/value/kernel",
                      "op/rel_row", "op/rel_col"}
@@ -325,6 +411,22 @@ def test_bottleneck_bfloat16_computes_in_bf16_with_f32_params(op):
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4, 16)
   assert all(leaf.dtype == jnp.float32
              for leaf in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("op", sorted(OPS.names()))
+def test_each_op_in_bfloat16_is_close_to_float32(op):
+  """Relative L2 error under 1e-2, weights made non-trivial (BN scales of 1)."""
+  x = jnp.asarray(_normal(np.random.default_rng(13), 2, 8, 8, 32))
+  module = OPS.get(op).make(32, OpOptions(), "op")
+  variables = module.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, a: jnp.ones_like(a) if "scale" in jax.tree_util.keystr(p) else a,
+      variables)
+  want = np.asarray(module.apply(variables, x))
+  bf16 = OPS.get(op).make(32, OpOptions(dtype=jnp.bfloat16), "op")
+  got = np.asarray(bf16.apply(variables, x.astype(jnp.bfloat16)), np.float32)
+  assert np.all(np.isfinite(got))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 @pytest.mark.parametrize("in_channels,num_heads", [(3, 1), (1, 2)])

@@ -10,8 +10,8 @@ from fanas_jax import optim
 from fanas_jax.genotype import SearchSpace
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
-from fanas_jax.search import (init_alphas, init_search_state, make_loss_fn,
-                              make_search_step, select_epoch)
+from fanas_jax.search import select_epoch
+from fanas_jax.steps import init_alphas, init_search_state, make_loss_fn, make_search_step
 from configs import default
 
 SPACE = SearchSpace.uniform(("local3_h4", "local3_h8", "nonlocal"))

@@ -1,13 +1,23 @@
-"""Local (SASA) self-attention as a pure function.
+"""Local (SASA) self-attention as a pure function, in two implementations.
 
-The window neighbourhood is never gathered into one tensor: logits and outputs
-are built one offset at a time from shifted slices of the zero-padded keys and
-values, inside a `lax.scan`, so memory stays O(B*H*W*C) and the compiled graph
-does not grow with the window size.
+Neither ever gathers the (B, H, W, k*k, C) window neighbourhood:
+
+- `blocked` (default, fast): the map is cut into b x b query blocks; each block
+  attends to its (b + k - 1)^2 halo region with dense batched matmuls. Relative
+  position logits and the window/border mask are folded into a few extra query
+  and key channels (a one-hot code of the key's row and column in the region,
+  matched by the query's per-row and per-column logits), so each block is plain
+  dot-product attention: XLA runs it as batched matmuls, and on GPUs with
+  bf16/fp16 it runs through cuDNN's fused attention kernel.
+- `scan` (lean): one window offset at a time from shifted slices of the padded
+  keys and values inside a rematerialised `lax.scan`, so memory stays
+  O(B*H*W*C) whatever the window. Also the only form of the value-mixture
+  attention of the SASA stem.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 from jax import lax
@@ -15,6 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+IMPLEMENTATIONS = ("blocked", "scan")
+BACKENDS = ("xla", "cudnn")
+# Added to the logit of a key outside the window or the map. Finite (a -inf
+# would meet zero channels in the augmented dot product and give NaN), and so
+# large that exp() underflows to exactly 0 in every supported dtype.
+_MASKED_LOGIT = {jnp.dtype(jnp.float16): -3e4}
+_DEFAULT_MASKED_LOGIT = -1e9
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,40 +85,9 @@ def _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix):
         f"got {value_mix.shape}.")
 
 
-def local_attention(q: Array,
-                    k: Array,
-                    v: Array,
-                    *,
-                    window: int,
-                    num_heads: int,
-                    rel_row: Array | None = None,
-                    rel_col: Array | None = None,
-                    value_mix: Array | None = None) -> Array:
-  """Multi-head attention of each pixel over its window x window neighbourhood.
-
-  Positions outside the map are excluded from the softmax (not given logit 0),
-  so a window covering the whole map without relative embeddings is exactly
-  global attention.
-
-  Args:
-    q: [B, H, W, C] queries.
-    k: [B, H, W, C] keys.
-    v: [B, H, W, Cv] values, or [B, H, W, M, Cv] when `value_mix` is given.
-    window: odd side of the square neighbourhood.
-    num_heads: channels are split into this many contiguous groups; each head
-      has its own softmax over the window, with logits scaled by
-      1/sqrt(C/num_heads).
-    rel_row: optional [window, C/2] embedding of the row offset, added (via the
-      query) to the first C/2 key channels, as in SASA.
-    rel_col: optional [window, C/2] embedding of the column offset, added to the
-      last C/2 key channels.
-    value_mix: optional [window*window, M] weights: the value at offset o is
-      sum_m value_mix[o, m] * v[neighbour, m] (the SASA attention stem).
-
-  Returns:
-    [B, H, W, Cv] attention output, in v's dtype.
-  """
-  _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix)
+def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
+                          value_mix) -> Array:
+  """One offset at a time: a lax.scan over the window, rematerialised."""
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
   value_dim = v.shape[-1] // num_heads
@@ -168,3 +155,242 @@ def local_attention(q: Array,
   out, _ = lax.scan(accumulate, init, xs)
   return out.reshape(batch, height, width, num_heads * value_dim).astype(
       v.dtype)
+
+
+def default_block_size(size: int) -> int:
+  """Query block side for a map side: a divisor of the side near 8 (no padding,
+  ~64 queries per block), the whole side for small maps, else 8 with padding."""
+  if size <= 10:
+    return size
+  divisors = [d for d in range(4, 17) if size % d == 0]
+  if divisors:
+    return min(divisors, key=lambda d: (abs(d - 8), -d))
+  return 8
+
+
+@functools.lru_cache(maxsize=None)
+def _halo_layout(size: int, block: int, half: int):
+  """Static layout of one spatial axis for the blocked implementation.
+
+  Returns (num_blocks, region, start, offset, valid):
+    region: keys per block along the axis (block + 2*half, or the whole axis
+      when there is a single block, since outside the map nothing is valid);
+    start[j]: map index of region row 0 of block j (may be negative: padding);
+    offset[j, i, r]: window offset index (0..2*half) of region row r seen
+      from query row i of block j;
+    valid[j, i, r]: inside the window and inside the map.
+  """
+  num_blocks = -(-size // block)
+  if num_blocks == 1:
+    region, start = size, np.zeros(1, np.int64)
+  else:
+    region, start = block + 2 * half, np.arange(num_blocks) * block - half
+  query_pos = np.arange(num_blocks)[:, None] * block + np.arange(block)[None]
+  key_pos = start[:, None] + np.arange(region)[None]
+  offset = key_pos[:, None, :] - query_pos[:, :, None] + half
+  valid = ((offset >= 0) & (offset <= 2 * half) & (key_pos[:, None, :] >= 0)
+           & (key_pos[:, None, :] < size) & (query_pos[:, :, None] < size))
+  return num_blocks, region, start, offset, valid
+
+
+def _halo_regions(x: Array, axis: int, size: int, block: int, half: int) -> Array:
+  """Replaces `axis` (length size) by [num_blocks, region] overlapping windows.
+
+  Built from reshapes and static slices of the zero-padded axis (no gather), so
+  the backward pass is a pad and a sum rather than a scatter.
+  """
+  num_blocks, region, start, _, _ = _halo_layout(size, block, half)
+  lead = int(-start[0])
+  spans = -(-region // block)  # Blocks of the padded axis one region touches.
+  total = (num_blocks + spans - 1) * block
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (lead, total - lead - size)
+  x = jnp.pad(x, widths)
+  shape = x.shape[:axis] + (num_blocks + spans - 1, block) + x.shape[axis + 1:]
+  x = x.reshape(shape)
+  pieces = [lax.slice_in_dim(x, j, j + num_blocks, axis=axis)
+            for j in range(spans)]
+  x = jnp.concatenate(pieces, axis=axis + 1)
+  return lax.slice_in_dim(x, 0, region, axis=axis + 1)
+
+
+def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
+  """Pads `axis` to whole blocks and splits it into [num_blocks, block]."""
+  num_blocks = -(-size // block)
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, num_blocks * block - size)
+  x = jnp.pad(x, widths)
+  return x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
+
+
+def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
+                             block_size, backend) -> Array:
+  """Blocked (halo) local attention as augmented dot-product attention."""
+  batch, height, width, channels = q.shape
+  head_dim = channels // num_heads
+  value_dim = v.shape[-1] // num_heads
+  half = window // 2
+  block_y = block_size or default_block_size(height)
+  block_x = block_size or default_block_size(width)
+  rows = _halo_layout(height, block_y, half)
+  cols = _halo_layout(width, block_x, half)
+  nb_y, region_y = rows[0], rows[1]
+  nb_x, region_x = cols[0], cols[1]
+  dtype = q.dtype
+  masked_logit = _MASKED_LOGIT.get(jnp.dtype(dtype), _DEFAULT_MASKED_LOGIT)
+
+  # Queries: [B, nb_y, b_y, nb_x, b_x, heads, d], pre-scaled.
+  q_heads = (q * head_dim**-0.5).reshape(batch, height, width, num_heads,
+                                         head_dim)
+  q_blocks = _query_blocks(_query_blocks(q_heads, 1, height, block_y), 3,
+                           width, block_x)
+
+  def axis_logits(rel, layout, first_half, q_axis):
+    """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along one axis."""
+    _, _, _, offset, valid = layout
+    one_hot = ((offset[:, :, None, :] == np.arange(window)[None, None, :, None])
+               & valid[:, :, None, :])
+    bias = jnp.asarray(np.where(valid, 0.0, masked_logit), dtype)
+    if rel is None:
+      rel_logits = None
+    else:
+      zeros = jnp.zeros_like(rel)
+      table = jnp.concatenate([rel, zeros] if first_half else [zeros, rel], -1)
+      table = table.reshape(window, num_heads, head_dim).astype(dtype)
+      rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
+    if q_axis == "y":
+      bias = bias[None, :, :, None, None, None, :]
+      if rel_logits is None:
+        return jnp.broadcast_to(
+            bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region_y))
+      return jnp.einsum("bYyXxnw,Yywr->bYyXxnr", rel_logits,
+                        jnp.asarray(one_hot, dtype)) + bias
+    bias = bias[None, None, None, :, :, None, :]
+    if rel_logits is None:
+      return jnp.broadcast_to(
+          bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region_x))
+    return jnp.einsum("bYyXxnw,Xxwr->bYyXxnr", rel_logits,
+                      jnp.asarray(one_hot, dtype)) + bias
+
+  row_logits = axis_logits(rel_row, rows, True, "y")
+  col_logits = axis_logits(rel_col, cols, False, "x")
+  aug_dim = head_dim + region_y + region_x
+  pad_dim = -aug_dim % 8  # Multiples of 8 suit tensor cores (and cuDNN).
+  q_aug = jnp.concatenate(
+      [q_blocks, row_logits, col_logits,
+       jnp.zeros(q_blocks.shape[:-1] + (pad_dim,), dtype)], axis=-1)
+  # [B, nb_y, nb_x, b_y*b_x, heads, aug]
+  q_aug = q_aug.transpose(0, 1, 3, 2, 4, 5, 6).reshape(
+      batch, nb_y, nb_x, block_y * block_x, num_heads, aug_dim + pad_dim)
+
+  def regions(x):  # [B, H, W, ...] -> [B, nb_y, nb_x, r_y, r_x, ...]
+    x = _halo_regions(_halo_regions(x, 1, height, block_y, half), 3, width,
+                      block_x, half)
+    return jnp.moveaxis(x, 3, 2)
+
+  k_regions = regions(k.reshape(batch, height, width, num_heads, head_dim))
+  code_shape = (batch, nb_y, nb_x, region_y, region_x, num_heads)
+  row_code = jnp.broadcast_to(
+      jnp.eye(region_y, dtype=dtype)[:, None, None, :], code_shape + (region_y,))
+  col_code = jnp.broadcast_to(
+      jnp.eye(region_x, dtype=dtype)[None, :, None, :], code_shape + (region_x,))
+  k_aug = jnp.concatenate(
+      [k_regions, row_code, col_code,
+       jnp.zeros(code_shape + (pad_dim,), dtype)], axis=-1)
+  k_aug = k_aug.reshape(batch, nb_y, nb_x, region_y * region_x, num_heads,
+                        aug_dim + pad_dim)
+  v_regions = regions(v.reshape(batch, height, width, num_heads, value_dim))
+  v_regions = v_regions.reshape(batch, nb_y, nb_x, region_y * region_x,
+                                num_heads, value_dim)
+
+  flat = lambda x: x.reshape((batch * nb_y * nb_x,) + x.shape[3:])
+  out = _block_attention(flat(q_aug), flat(k_aug), flat(v_regions), backend)
+  out = out.reshape(batch, nb_y, nb_x, block_y, block_x, num_heads * value_dim)
+  out = out.transpose(0, 1, 3, 2, 4, 5).reshape(
+      batch, nb_y * block_y, nb_x * block_x, num_heads * value_dim)
+  return out[:, :height, :width]
+
+
+def _block_attention(q: Array, k: Array, v: Array, backend: str | None) -> Array:
+  """softmax(q k^T) v per block and head; q and k carry scale and biases."""
+  if backend is None:
+    backend = default_backend(q.dtype)
+  if backend == "cudnn":
+    pad = q.shape[-1] - v.shape[-1]  # cuDNN needs equal key and value dims.
+    v_wide = jnp.pad(v, [(0, 0)] * 3 + [(0, pad)]) if pad > 0 else v
+    out = jax.nn.dot_product_attention(q, k, v_wide, scale=1.0,
+                                       implementation="cudnn")
+    return out[..., :v.shape[-1]]
+  if backend != "xla":
+    raise ValueError(f"Unknown attention backend {backend!r}; valid: "
+                     f"{', '.join(BACKENDS)}.")
+  logit_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=logit_dtype)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqk,bknd->bqnd", weights, v)
+
+
+def default_backend(dtype: Any) -> str:
+  """cuDNN's fused attention where it applies (GPU, 16-bit floats), else XLA."""
+  if (jax.default_backend() == "gpu"
+      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+    return "cudnn"
+  return "xla"
+
+
+def local_attention(q: Array,
+                    k: Array,
+                    v: Array,
+                    *,
+                    window: int,
+                    num_heads: int,
+                    rel_row: Array | None = None,
+                    rel_col: Array | None = None,
+                    value_mix: Array | None = None,
+                    impl: str = "blocked",
+                    block_size: int | None = None,
+                    backend: str | None = None) -> Array:
+  """Multi-head attention of each pixel over its window x window neighbourhood.
+
+  Positions outside the map are excluded from the softmax (not given logit 0),
+  so a window covering the whole map without relative embeddings is exactly
+  global attention.
+
+  Args:
+    q: [B, H, W, C] queries.
+    k: [B, H, W, C] keys.
+    v: [B, H, W, Cv] values, or [B, H, W, M, Cv] when `value_mix` is given.
+    window: odd side of the square neighbourhood.
+    num_heads: channels are split into this many contiguous groups; each head
+      has its own softmax over the window, with logits scaled by
+      1/sqrt(C/num_heads).
+    rel_row: optional [window, C/2] embedding of the row offset, added (via the
+      query) to the first C/2 key channels, as in SASA.
+    rel_col: optional [window, C/2] embedding of the column offset, added to the
+      last C/2 key channels.
+    value_mix: optional [window*window, M] weights: the value at offset o is
+      sum_m value_mix[o, m] * v[neighbour, m] (the SASA attention stem; `scan`
+      implementation only).
+    impl: 'blocked' (halo blocks as dense attention; fast) or 'scan' (one
+      offset at a time; least memory).
+    block_size: query block side for `blocked` (default: per axis, a divisor
+      of the side near 8).
+    backend: for `blocked`, 'xla' or 'cudnn' (default: cuDNN on GPU for
+      bf16/fp16 inputs, else XLA).
+
+  Returns:
+    [B, H, W, Cv] attention output, in v's dtype.
+  """
+  _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix)
+  if impl == "scan":
+    return _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
+                                 value_mix)
+  if impl != "blocked":
+    raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
+                     f"{', '.join(IMPLEMENTATIONS)}.")
+  if value_mix is not None:
+    raise ValueError("value_mix (the attention stem) needs impl='scan'.")
+  if block_size is not None and block_size < 1:
+    raise ValueError(f"block_size must be positive, got {block_size}.")
+  return _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
+                                  block_size, backend).astype(v.dtype)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fanas_jax.ops.attention import local_attention
+from fanas_jax.ops.attention import default_backend, local_attention
 from fanas_jax.registry import Registry
 
 Dtype = Any
@@ -27,11 +27,17 @@ def batch_norm(train: bool, dtype: Dtype, axis_name: str | None,
 
 
 class LocalAttention(nn.Module):
-  """SASA local self-attention with learned relative position embeddings."""
+  """SASA local self-attention with learned relative position embeddings.
+
+  `impl` picks the implementation of `local_attention` ('blocked' or 'scan');
+  both compute the same function, so it never changes parameters or results
+  beyond rounding.
+  """
   channels: int
   window: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  impl: str = "blocked"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -48,7 +54,47 @@ class LocalAttention(nn.Module):
                                                dtype=self.dtype)
     return local_attention(q, k, v, window=self.window,
                            num_heads=self.num_heads, rel_row=rel_row,
-                           rel_col=rel_col)
+                           rel_col=rel_col, impl=self.impl)
+
+
+class AxialAttention(nn.Module):
+  """Axial attention: multi-head attention along each row, then each column.
+
+  Two passes with their own query/key/value projections give every pixel a
+  global receptive field at O(H*W*(H+W)) cost instead of O((H*W)^2).
+  """
+  channels: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    for axis, name in ((2, "row"), (1, "column")):
+      x = self._attend(x, axis, name)
+    return x
+
+  def _attend(self, x: jax.Array, axis: int, name: str) -> jax.Array:
+    """Attention along `axis` (2: within a row, 1: within a column)."""
+    head_dim = self.channels // self.num_heads
+    dense = functools.partial(nn.DenseGeneral, (self.num_heads, head_dim),
+                              use_bias=False, dtype=self.dtype)
+    q, k, v = (dense(name=f"{name}_{p}")(x) for p in ("query", "key", "value"))
+    if axis == 1:  # Columns become the sequence axis.
+      q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
+    batch, outer, length = q.shape[:3]
+    seq = lambda t: t.reshape(batch * outer, length, self.num_heads, head_dim)
+    y = jax.nn.dot_product_attention(
+        seq(q), seq(k), seq(v), implementation=_axial_backend(q.dtype, head_dim))
+    y = y.reshape(batch, outer, length, self.channels)
+    return y.swapaxes(1, 2) if axis == 1 else y
+
+
+def _axial_backend(dtype: Dtype, head_dim: int) -> str:
+  """cuDNN where it applies (GPU, 16-bit, head dims multiple of 8), else XLA."""
+  if default_backend(dtype) == "cudnn" and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
 
 
 class NonLocal(nn.Module):
@@ -83,40 +129,54 @@ class NonLocal(nn.Module):
 class OpSpec:
   """A searchable op.
 
-  make(channels, dtype, bn_axis_name, name) builds a module mapping
-  [B, H, W, channels] to the same shape, called as module(x, train).
-  post_norm says whether the bottleneck follows the op with BN + ReLU.
+  make(channels, options, name) builds a module mapping [B, H, W, channels]
+  to the same shape, called as module(x, train); options are the network-wide
+  `OpOptions`. post_norm says whether the bottleneck follows the op with
+  BN + ReLU.
   """
   name: str
-  make: Callable[[int, Dtype, str | None, str], nn.Module]
+  make: Callable[[int, "OpOptions", str], nn.Module]
   post_norm: bool
   window: int | None
   is_global: bool
   num_heads: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class OpOptions:
+  """Network-wide settings every op is built with (hashable: a module field)."""
+  dtype: Dtype = jnp.float32
+  bn_axis_name: str | None = None
+  attention_impl: str = "blocked"
+
+
 OPS: Registry[OpSpec] = Registry("attention op")
 
 
 def _local_spec(window: int, num_heads: int) -> OpSpec:
-  def make(channels: int, dtype: Dtype, bn_axis_name: str | None,
-           name: str) -> nn.Module:
-    del bn_axis_name  # LocalAttention has no BatchNorm of its own.
-    return LocalAttention(channels, window, num_heads, dtype, name=name)
+  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
+    return LocalAttention(channels, window, num_heads, options.dtype,
+                          options.attention_impl, name=name)
   return OpSpec(name=f"local{window}_h{num_heads}", make=make, post_norm=True,
                 window=window, is_global=False, num_heads=num_heads)
 
 
 def _nonlocal_spec() -> OpSpec:
-  def make(channels: int, dtype: Dtype, bn_axis_name: str | None,
-           name: str) -> nn.Module:
-    return NonLocal(channels, dtype, bn_axis_name, name=name)
+  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
+    return NonLocal(channels, options.dtype, options.bn_axis_name, name=name)
   return OpSpec(name="nonlocal", make=make, post_norm=False, window=None,
                 is_global=True)
 
 
+def _axial_spec(num_heads: int) -> OpSpec:
+  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
+    return AxialAttention(channels, num_heads, options.dtype, name=name)
+  return OpSpec(name=f"axial_h{num_heads}", make=make, post_norm=True,
+                window=None, is_global=False, num_heads=num_heads)
+
+
 for _spec in (*(_local_spec(w, h) for h in (4, 8) for w in (3, 5, 7)),
-              _nonlocal_spec()):
+              _nonlocal_spec(), *(_axial_spec(h) for h in (4, 8))):
   OPS.add(_spec.name, _spec)
 
 ORIGINAL_OPS: tuple[str, ...] = ("local3_h4", "local5_h4", "local7_h4",
@@ -135,6 +195,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  attention_impl: str = "blocked"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -150,7 +211,8 @@ class Bottleneck(nn.Module):
     norm = functools.partial(batch_norm, train, self.dtype, self.bn_axis_name)
 
     y = nn.relu(norm(name="bn_in")(conv(inner, name="conv_in")(x)))
-    y = spec.make(inner, self.dtype, self.bn_axis_name, "op")(y, train)
+    options = OpOptions(self.dtype, self.bn_axis_name, self.attention_impl)
+    y = spec.make(inner, options, "op")(y, train)
     if spec.post_norm:
       y = nn.relu(norm(name="bn_op")(y))
     # Zero-initialised last BN scale ("zero-init residual", Goyal et al. 2017): each
@@ -201,7 +263,7 @@ class AttentionStem(nn.Module):
     mix = jax.nn.softmax(logits.reshape(self.window**2, self.num_mixtures), -1)
     (mix,) = nn.dtypes.promote_dtype(mix, dtype=self.dtype)
     y = local_attention(q, k, v, window=self.window, num_heads=self.num_heads,
-                        value_mix=mix)
+                        value_mix=mix, impl="scan")
     y = batch_norm(train, self.dtype, self.bn_axis_name, name="bn")(y)
     return nn.relu(y)
 

@@ -1,0 +1,306 @@
+"""Speed and memory of the attention ops and the networks: a table and JSON.
+
+    python -m fanas_jax.benchmark                       # ops and networks
+    python -m fanas_jax.benchmark --suite=ops --json=ops.json
+    python -m fanas_jax.benchmark --suite=nets --nets=cifar,search
+
+The ops suite times forward+backward of every attention core at one stage shape
+(default batch 64, 28x28, 256 channels, 8 heads, bfloat16): global attention
+through jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs, XLA
+elsewhere), each local window in both implementations, and every registered op as
+a module. Each row carries its ratio to global attention, measured in the same
+run. The nets suite times the real training step of the original genotype (CIFAR
+C=96 and ImageNet C=112) and the bilevel search step of the supernet beside one
+plain weight step of the same supernet.
+
+Times are medians of `--iters` calls after `--warmup` calls, on synthetic
+in-memory inputs, so no dataset (and none of grain, TFDS or ml_collections) is
+needed. FLOPs are analytic (fanas_jax.cost, 2 per MAC, backward = 2x forward);
+MFU is given where the device's peak is known. Memory is XLA's own account of
+the compiled function (arguments + outputs + temporaries).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fanas_jax import cost, steps
+from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
+from fanas_jax.model import DTYPES, make_model
+from fanas_jax.objectives import make_objective
+from fanas_jax.ops import OPS, ORIGINAL_OPS, OpOptions, local_attention
+from fanas_jax.ops.attention import IMPLEMENTATIONS, default_backend
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; other devices report none.
+PEAK_FLOPS_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+                    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
+NETS = ("cifar", "imagenet", "search")
+
+
+def _peak_flops(dtype: Any) -> float | None:
+  if jnp.dtype(dtype).itemsize != 2:
+    return None
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS_16BIT.items() if k in kind), None)
+
+
+def measure(fn: Callable, args: Sequence[Any], iters: int, warmup: int) -> dict[str, Any]:
+  """Compile once, then the median wall time of `iters` blocking calls."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  memory = compiled.memory_analysis()
+  mem_bytes = None
+  if memory is not None:
+    mem_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return {"median_ms": 1e3 * float(np.median(times)),
+          "p10_ms": 1e3 * float(np.percentile(times, 10)),
+          "p90_ms": 1e3 * float(np.percentile(times, 90)),
+          "compile_s": compile_s, "memory_mib": None if mem_bytes is None
+          else mem_bytes / 2**20}
+
+
+def _fwd_bwd(fn: Callable) -> Callable:
+  """Forward and backward of fn against a fixed random cotangent (no reduction trick
+  that XLA could simplify away)."""
+  def run(cotangent, *args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cotangent)
+  return run
+
+
+def ops_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  dtype = DTYPES[a.dtype]
+  b, s, c, n = a.batch, a.size, a.channels, a.heads
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+  q, k, v, ct = (normal(b, s, s, c) for _ in range(4))
+  rows = []
+
+  backend = default_backend(dtype)
+  tokens = lambda x: x.reshape(b, s * s, n, c // n)
+  glob = lambda q, k, v: jax.nn.dot_product_attention(
+      tokens(q), tokens(k), tokens(v), implementation=backend).reshape(q.shape)
+  global_macs = 2 * b * (s * s) ** 2 * c
+  rows.append(dict(name=f"global attention ({backend})", kind="core",
+                   macs=global_macs, **measure(_fwd_bwd(glob), (ct, q, k, v),
+                                               a.iters, a.warmup)))
+  for window in a.windows:
+    rel = normal(window, c // 2)
+    for impl in a.impls:
+      fn = lambda q, k, v, r, impl=impl, window=window: local_attention(
+          q, k, v, window=window, num_heads=n, rel_row=r, rel_col=r, impl=impl)
+      macs = b * s * s * (2 * window * window * c + 2 * window * c)
+      rows.append(dict(name=f"local {window}x{window} ({impl})", kind="core",
+                       macs=macs, **measure(_fwd_bwd(fn), (ct, q, k, v, rel),
+                                            a.iters, a.warmup)))
+  if a.modules:
+    x = normal(b, s, s, c)
+    for op in a.modules:
+      module = OPS.get(op, key="--modules").make(
+          c, OpOptions(dtype=dtype, attention_impl=a.impls[0]), "op")
+      variables = module.init(jax.random.key(0), x[:1])
+      fn = lambda params, x, module=module, variables=variables: module.apply(
+          {**variables, "params": params}, x, train=True, mutable=["batch_stats"])[0]
+      rows.append(dict(name=f"{op} module", kind="module",
+                       macs=b * cost.op_cost(op, c, s, s).macs,
+                       **measure(_fwd_bwd(fn), (ct, variables["params"], x),
+                                 a.iters, a.warmup)))
+  reference = rows[0]["median_ms"]
+  for row in rows:
+    row["vs_global"] = row["median_ms"] / reference
+  return rows
+
+
+def _synthetic_batch(batch: int, size: int, channels: int, classes: int) -> dict:
+  rng = np.random.default_rng(1)
+  return {"image": jnp.asarray(rng.standard_normal((batch, size, size, channels)),
+                               jnp.float32),
+          "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
+
+
+def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: str,
+               classes: int, batch: int) -> dict[str, Any]:
+  """The real training step (loss, backward, SGD) of the original genotype."""
+  genotype = NAMED_GENOTYPES["original"]
+  model = make_model(genotype.layer_ops(), width, "classifier", stem=stem,
+                     dtype=DTYPES[a.dtype], attention_impl=a.impls[0],
+                     num_classes=classes, dropout=0.0)
+  tx = optax.sgd(0.01, momentum=0.9)
+  variables = steps.init_variables(model, jax.random.key(0), (1, size, size, 3))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]))
+  step = steps.make_train_step(model, make_objective("supervised", None), tx)
+  macs = cost.network_cost(genotype.layer_ops(), width, size, stem=stem,
+                           num_classes=classes).macs
+  result = measure(step, (state, _synthetic_batch(batch, size, 3, classes),
+                          jax.random.key(1)), a.iters, a.warmup)
+  return dict(name=name, kind="train step", batch=batch, macs=batch * macs, **result)
+
+
+def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
+  """First-order bilevel step vs one weight step of the same supernet."""
+  space = SearchSpace.uniform(ORIGINAL_OPS)
+  width, size, batch = a.search_width, 32, a.search_batch
+  objective = make_objective("car", types.SimpleNamespace(
+      image_size=size, num_boxes=4, box_size=8))
+  model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
+                     attention_impl=a.impls[0], out_channels=3)
+  alphas = steps.init_alphas(space, jax.random.key(0), 1e-3)
+  w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
+  state = steps.init_search_state(model, alphas, w_tx, a_tx, jax.random.key(1),
+                                  (1, size, size, 3))
+  w_batch = _synthetic_batch(batch, size, 3, 10)
+  a_batch = _synthetic_batch(batch, size, 3, 10)
+  macs = batch * cost.network_cost(space.layer_ops(), width, size).macs
+  search = measure(steps.make_search_step(model, objective, w_tx, a_tx),
+                   (state, w_batch, a_batch, jax.random.key(2)), a.iters, a.warmup)
+  train_state = steps.TrainState(step=state.step, params=state.params,
+                                 batch_stats=state.batch_stats,
+                                 opt_state=state.w_opt_state)
+  weight_step = steps.make_train_step(model, objective, w_tx, alphas=alphas)
+  weight = measure(weight_step, (train_state, w_batch, jax.random.key(2)),
+                   a.iters, a.warmup)
+  rows = [dict(name=f"supernet weight step (C={width}, 32x32)", kind="search",
+               batch=batch, macs=macs, **weight),
+          dict(name=f"supernet search step, first order (C={width}, 32x32)",
+               kind="search", batch=2 * batch, macs=2 * macs, **search)]
+  rows[1]["vs_weight_step"] = search["median_ms"] / weight["median_ms"]
+  return rows
+
+
+def nets_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  rows = []
+  if "cifar" in a.nets:
+    rows.append(_train_row("original genotype C=96, 32x32 (CIFAR)", a, 96, 32,
+                           "attention", 10, a.net_batch))
+  if "imagenet" in a.nets:
+    rows.append(_train_row("original genotype C=112, 224x224 (ImageNet)", a, 112,
+                           224, "conv", 1000, a.net_batch))
+  if "search" in a.nets:
+    rows += _search_rows(a)
+  return rows
+
+
+def _finish(rows: list[dict[str, Any]], dtype: Any) -> None:
+  """Derived columns: analytic TFLOP/s (fwd+bwd = 3x forward), MFU, img/s."""
+  peak = _peak_flops(dtype)
+  for row in rows:
+    seconds = row["median_ms"] / 1e3
+    row["tflops"] = 6 * row["macs"] / seconds / 1e12
+    row["mfu"] = None if peak is None else 6 * row["macs"] / seconds / peak
+    if "batch" in row:
+      row["img_per_s"] = row["batch"] / seconds
+      row["img_per_s_per_device"] = row["img_per_s"] / jax.local_device_count()
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  head = (f"{'benchmark':58s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'MiB':>8s} {'compile s':>9s}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    ratio = r.get("vs_global", r.get("vs_weight_step"))
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines.append(
+        f"{r['name']:58s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
+        f"{fmt(r.get('img_per_s'), '9.1f')} {r['tflops']:8.3f} "
+        f"{fmt(r['mfu'], '6.1%')} {fmt(r['memory_mib'], '8.1f')} {r['compile_s']:9.1f}")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--suite", default="ops,nets", help="ops, nets or both (comma list)")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--size", type=int, default=28, help="map side of the ops suite")
+  p.add_argument("--channels", type=int, default=256)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--windows", default="3,5,7")
+  p.add_argument("--impls", default="blocked,scan",
+                 help="local attention implementations; the first is used by modules "
+                      "and networks")
+  p.add_argument("--modules", default=",".join(ORIGINAL_OPS + ("axial_h8",)),
+                 help="registered ops to time as modules ('' for none)")
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+  p.add_argument("--nets", default=",".join(NETS))
+  p.add_argument("--net_batch", type=int, default=64)
+  p.add_argument("--search_width", type=int, default=16)
+  p.add_argument("--search_batch", type=int, default=32)
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--json", default="", help="also write the results here")
+  a = p.parse_args(argv)
+  split = lambda s: [x for x in s.split(",") if x]
+  a.suite, a.impls, a.nets, a.modules = (split(x) for x in (a.suite, a.impls, a.nets,
+                                                             a.modules))
+  problems = []
+  if set(a.suite) - {"ops", "nets"}:
+    problems.append(f"--suite takes ops and/or nets, got {a.suite}")
+  if not a.impls or set(a.impls) - set(IMPLEMENTATIONS):
+    problems.append(f"--impls takes {', '.join(IMPLEMENTATIONS)}, got {a.impls}")
+  if set(a.nets) - set(NETS):
+    problems.append(f"--nets takes {', '.join(NETS)}, got {a.nets}")
+  unknown = [op for op in a.modules if op not in OPS]
+  if unknown:
+    problems.append(f"--modules: unknown ops {unknown}; valid: {', '.join(OPS.names())}")
+  try:
+    a.windows = [int(w) for w in split(a.windows)]
+  except ValueError:
+    problems.append(f"--windows takes odd integers, got {a.windows!r}")
+  else:
+    if any(w < 1 or w % 2 == 0 for w in a.windows):
+      problems.append(f"--windows takes odd integers, got {a.windows}")
+  if a.channels % a.heads or (a.channels // a.heads) % 2:
+    problems.append(f"--channels {a.channels} must split into --heads {a.heads} "
+                    "heads of even size")
+  for name in ("batch", "size", "iters", "net_batch", "search_batch", "search_width"):
+    if getattr(a, name) < 1:
+      problems.append(f"--{name} must be positive")
+  if problems:
+    p.error("; ".join(problems))
+  return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  a = parse_args(sys.argv[1:] if argv is None else argv)
+  device = jax.devices()[0]
+  print(f"fanas_jax.benchmark on {jax.device_count()} x {device.device_kind} "
+        f"({device.platform}), jax {jax.__version__}, {a.dtype}", flush=True)
+  rows = []
+  if "ops" in a.suite:
+    rows += ops_suite(a)
+  if "nets" in a.suite:
+    rows += nets_suite(a)
+  _finish(rows, DTYPES[a.dtype])
+  print(table(rows))
+  result = {"device": device.device_kind, "platform": device.platform,
+            "devices": jax.device_count(), "jax": jax.__version__,
+            "args": vars(a), "rows": rows}
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {a.json}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
