@@ -272,6 +272,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if a.channels % a.heads or (a.channels // a.heads) % 2:
     problems.append(f"--channels {a.channels} must split into --heads {a.heads} "
                     "heads of even size")
+  if a.search_width % 16:
+    problems.append(f"--search_width {a.search_width} must be a multiple of 16 (its "
+                    "ops split width/2 channels into up to 8 heads)")
   for name in ("batch", "size", "iters", "net_batch", "search_batch", "search_width"):
     if getattr(a, name) < 1:
       problems.append(f"--{name} must be positive")

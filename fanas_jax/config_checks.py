@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from fanas_jax import parallel
+from fanas_jax.cost import op_cost
 from fanas_jax.data.datasets import DATASETS
 from fanas_jax.derive import DERIVE_RULES
 from fanas_jax.genotype import NAMED_GENOTYPES, search_space_from_config
@@ -75,6 +76,10 @@ def validate(config: Any) -> None:
     DERIVE_RULES.get(config.derive.rule, key="derive.rule")
     for stage in SEARCH_STAGES:
       OBJECTIVES.get(config[stage].objective, key=f"{stage}.objective")
+    if "derive" in run:  # derive reports the cost of what it derives
+      for ops in space.candidates:
+        for op in ops:
+          op_cost(op, 16, 8, 8)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   spec = DATASETS.get(config.dataset)

@@ -230,6 +230,10 @@ def test_op_without_cost_function_is_named(monkeypatch):
     cost.op_cost("conv3", 8, 4, 4)
   with pytest.raises(ValueError, match="Unknown stem 'patch'"):
     cost.network_cost(ORIGINAL.layer_ops(), 16, 32, stem="patch")
+  from configs import quickstart
+  from fanas_jax import config_checks
+  with pytest.raises(config_checks.ConfigError, match="'local3_h4' has no cost function"):
+    config_checks.validate(quickstart.get_config("tiny"))  # before any compute
   monkeypatch.setattr(cost, "STEM_COSTS", Registry("stem cost function"))
   with pytest.raises(ValueError, match=r"Stem 'conv' has no cost function.*STEM_COSTS.add"):
     cost.network_cost(ORIGINAL.layer_ops(), 16, 32, stem="conv")

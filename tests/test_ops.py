@@ -104,6 +104,20 @@ def test_blocked_layouts_match_brute_force(height, width, window, block_size):
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_block_attention_form_equals_the_einsum_form():
+  """The cuDNN path's layout (padded values, dot_product_attention, slice back)
+  checked through XLA's implementation of the same call."""
+  from fanas_jax.ops.attention import _block_attention, _fused_block_attention
+  rng = np.random.default_rng(14)
+  q, k = _normal(rng, 3, 9, 2, 24), _normal(rng, 3, 25, 2, 24)
+  v = _normal(rng, 3, 25, 2, 8)
+  np.testing.assert_allclose(_fused_block_attention(q, k, v, "xla"),
+                             _block_attention(q, k, v, "xla"), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="up to 128"):
+    _block_attention(_normal(rng, 1, 4, 1, 136), _normal(rng, 1, 4, 1, 136), v[:1, :4, :1],
+                     "cudnn")
+
+
 def test_default_block_sizes_tile_the_paper_maps():
   assert [default_block_size(n) for n in (32, 16, 8, 28, 14, 7, 56, 12, 23)] == [
       8, 8, 8, 7, 7, 7, 8, 6, 8]

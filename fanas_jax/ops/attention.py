@@ -311,16 +311,21 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   return out[:, :height, :width]
 
 
+# cuDNN's fused (flash) attention takes head dims up to this, in multiples of 8.
+CUDNN_MAX_HEAD_DIM = 128
+
+
 def _block_attention(q: Array, k: Array, v: Array, backend: str | None) -> Array:
   """softmax(q k^T) v per block and head; q and k carry scale and biases."""
   if backend is None:
-    backend = default_backend(q.dtype)
+    backend = default_backend(q.dtype, q.shape[-1])
   if backend == "cudnn":
-    pad = q.shape[-1] - v.shape[-1]  # cuDNN needs equal key and value dims.
-    v_wide = jnp.pad(v, [(0, 0)] * 3 + [(0, pad)]) if pad > 0 else v
-    out = jax.nn.dot_product_attention(q, k, v_wide, scale=1.0,
-                                       implementation="cudnn")
-    return out[..., :v.shape[-1]]
+    if q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+      raise ValueError(
+          f"backend='cudnn' takes augmented head dims up to {CUDNN_MAX_HEAD_DIM}; "
+          f"this layer needs {q.shape[-1]} (head dim + 2 halo sides): use 'xla', "
+          "more heads or a smaller block_size.")
+    return _fused_block_attention(q, k, v, "cudnn")
   if backend != "xla":
     raise ValueError(f"Unknown attention backend {backend!r}; valid: "
                      f"{', '.join(BACKENDS)}.")
@@ -330,9 +335,20 @@ def _block_attention(q: Array, k: Array, v: Array, backend: str | None) -> Array
   return jnp.einsum("bnqk,bknd->bqnd", weights, v)
 
 
-def default_backend(dtype: Any) -> str:
-  """cuDNN's fused attention where it applies (GPU, 16-bit floats), else XLA."""
-  if (jax.default_backend() == "gpu"
+def _fused_block_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
+  """The same through jax.nn.dot_product_attention, whose fused kernels need equal
+  key and value head dims: values are zero-padded and the output sliced back."""
+  pad = q.shape[-1] - v.shape[-1]
+  v_wide = jnp.pad(v, [(0, 0)] * 3 + [(0, pad)]) if pad > 0 else v
+  out = jax.nn.dot_product_attention(q, k, v_wide, scale=1.0,
+                                     implementation=implementation)
+  return out[..., :v.shape[-1]]
+
+
+def default_backend(dtype: Any, head_dim: int = 0) -> str:
+  """cuDNN's fused attention where it applies (GPU, 16-bit floats, head dims up
+  to CUDNN_MAX_HEAD_DIM), else XLA."""
+  if (jax.default_backend() == "gpu" and head_dim <= CUDNN_MAX_HEAD_DIM
       and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
     return "cudnn"
   return "xla"

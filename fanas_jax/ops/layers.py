@@ -92,7 +92,7 @@ class AxialAttention(nn.Module):
 
 def _axial_backend(dtype: Dtype, head_dim: int) -> str:
   """cuDNN where it applies (GPU, 16-bit, head dims multiple of 8), else XLA."""
-  if default_backend(dtype) == "cudnn" and head_dim % 8 == 0 and head_dim <= 128:
+  if default_backend(dtype, head_dim) == "cudnn" and head_dim % 8 == 0:
     return "cudnn"
   return "xla"
 
