@@ -20,10 +20,20 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
       w_lr=0.025, w_lr_min=0.001, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
       a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
       alpha_init_std=1e-3,
+      mode="first_order",     # alpha gradient: 'first_order', 'second_order' or 'gumbel'
+      warmup_epochs=0,        # weight-only epochs before alpha starts to move
+      gumbel_tau_max=10.0,    # gumbel: temperature at the first step, decaying linearly
+      gumbel_tau_min=0.1,     # ... to this at the phase's last step
       init_alpha_from="",     # '' = fresh alphas; or a stage name
       flip=True,
       num_boxes=4,            # CAR: zeroed boxes per image
       box_size=8,
+      cpc=ml_collections.ConfigDict(dict(  # objective='cpc' (fanas_jax/cpc.py)
+          patch_size=8, patch_stride=4,    # 7x7 grid of patches at 32x32
+          embed_dim=64,                    # patch embedding z
+          context_layers=2, context_heads=4,
+          offsets=(1, 2),                  # predict z this many rows below
+      )),
   ))
   phase.update(overrides)
   return phase
@@ -51,7 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.search_phase2 = search_phase(objective="supervised", epochs=50, a_lr=1e-4,
                                  init_alpha_from="search_phase1")
   c.derive = ml_collections.ConfigDict(dict(
-      rule="constrained", max_window7=1, max_global=1, select="last"))
+      rule="constrained", max_window7=1, max_global=1, select="last",
+      # Optional caps on the derived network at train.width and image_size
+      # (0 = none): solved exactly together with the per-stage limits.
+      max_params=0, max_macs=0))
 
   c.train = ml_collections.ConfigDict(dict(
       genotype="searched",    # or a named genotype, e.g. 'original'

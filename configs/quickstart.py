@@ -1,6 +1,6 @@
 """The whole pipeline in minutes on a laptop CPU, on the embedded digits dataset.
 
-Only width, resolution, epochs and box size shrink; the search space (7 ops, 5x3
+Only width, resolution, epochs, box and patch sizes shrink; the search space (7 ops, 5x3
 layers), objectives, bilevel step and derive rule are the paper's. Digits are not
 mirror-symmetric, so the supervised stages train without horizontal flips.
 `configs/quickstart.py:tiny` is the seconds-long variant the end-to-end test runs.
@@ -13,6 +13,8 @@ def get_config(arg: str | None = None):
   c.image_size = 8             # the digits' native resolution
   c.search_phase1.epochs = 3
   c.search_phase1.box_size = 2
+  c.search_phase1.cpc.patch_size = 4   # objective=cpc: a 3x3 grid of 8x8 digits
+  c.search_phase1.cpc.patch_stride = 2
   c.search_phase2.epochs = 3
   c.search_phase2.flip = False
   c.train.width = 32

@@ -157,8 +157,13 @@ def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: st
 
 
 def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
-  """First-order bilevel step vs one weight step of the same supernet."""
-  space = SearchSpace.uniform(ORIGINAL_OPS)
+  """One weight step of the supernet, then a bilevel search step in each mode.
+
+  A first-order step is an alpha pass on the architecture batch plus a weight pass
+  on the weight batch, so about two weight steps; second order adds the virtual
+  weight step and differentiates through it; Gumbel runs one sampled op per layer.
+  """
+  space = SearchSpace.uniform(a.search_ops)
   width, size, batch = a.search_width, 32, a.search_batch
   objective = make_objective("car", types.SimpleNamespace(
       image_size=size, num_boxes=4, box_size=8))
@@ -171,19 +176,25 @@ def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
   w_batch = _synthetic_batch(batch, size, 3, 10)
   a_batch = _synthetic_batch(batch, size, 3, 10)
   macs = batch * cost.network_cost(space.layer_ops(), width, size).macs
-  search = measure(steps.make_search_step(model, objective, w_tx, a_tx),
-                   (state, w_batch, a_batch, jax.random.key(2)), a.iters, a.warmup)
   train_state = steps.TrainState(step=state.step, params=state.params,
                                  batch_stats=state.batch_stats,
                                  opt_state=state.w_opt_state)
   weight_step = steps.make_train_step(model, objective, w_tx, alphas=alphas)
   weight = measure(weight_step, (train_state, w_batch, jax.random.key(2)),
                    a.iters, a.warmup)
-  rows = [dict(name=f"supernet weight step (C={width}, 32x32)", kind="search",
-               batch=batch, macs=macs, **weight),
-          dict(name=f"supernet search step, first order (C={width}, 32x32)",
-               kind="search", batch=2 * batch, macs=2 * macs, **search)]
-  rows[1]["vs_weight_step"] = search["median_ms"] / weight["median_ms"]
+  ops = f"{len(a.search_ops)} ops"
+  rows = [dict(name=f"supernet weight step ({ops}, C={width}, 32x32)", kind="search",
+               batch=batch, macs=macs, **weight)]
+  for mode in a.search_modes:
+    tau = (lambda step: 1.0) if mode == "gumbel" else None
+    step = steps.make_search_step(model, objective, w_tx, a_tx, mode, tau_schedule=tau)
+    result = measure(step, (state, w_batch, a_batch, jax.random.key(2)), a.iters,
+                     a.warmup)
+    # Analytic MACs: the mixture's two passes; a sampled path runs about 1/n_ops.
+    mode_macs = 2 * macs // (len(a.search_ops) if mode == "gumbel" else 1)
+    rows.append(dict(name=f"supernet search step, {mode} ({ops}, C={width}, 32x32)",
+                     kind="search", batch=2 * batch, macs=mode_macs,
+                     vs_weight_step=result["median_ms"] / weight["median_ms"], **result))
   return rows
 
 
@@ -245,13 +256,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--net_batch", type=int, default=64)
   p.add_argument("--search_width", type=int, default=16)
   p.add_argument("--search_batch", type=int, default=32)
+  p.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
+  p.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
+                 help="the supernet's candidates (fewer compile faster on CPU)")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--json", default="", help="also write the results here")
   a = p.parse_args(argv)
   split = lambda s: [x for x in s.split(",") if x]
-  a.suite, a.impls, a.nets, a.modules = (split(x) for x in (a.suite, a.impls, a.nets,
-                                                             a.modules))
+  a.suite, a.impls, a.nets, a.modules, a.search_modes, a.search_ops = (
+      split(x) for x in (a.suite, a.impls, a.nets, a.modules, a.search_modes,
+                         a.search_ops))
   problems = []
   if set(a.suite) - {"ops", "nets"}:
     problems.append(f"--suite takes ops and/or nets, got {a.suite}")
@@ -259,9 +274,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     problems.append(f"--impls takes {', '.join(IMPLEMENTATIONS)}, got {a.impls}")
   if set(a.nets) - set(NETS):
     problems.append(f"--nets takes {', '.join(NETS)}, got {a.nets}")
-  unknown = [op for op in a.modules if op not in OPS]
-  if unknown:
-    problems.append(f"--modules: unknown ops {unknown}; valid: {', '.join(OPS.names())}")
+  if set(a.search_modes) - set(steps.SEARCH_MODES):
+    problems.append(f"--search_modes takes {', '.join(steps.SEARCH_MODES)}, "
+                    f"got {a.search_modes}")
+  for flag, ops in (("--modules", a.modules), ("--search_ops", a.search_ops)):
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+      problems.append(f"{flag}: unknown ops {unknown}; valid: {', '.join(OPS.names())}")
+  if len(set(a.search_ops)) < 2:
+    problems.append("--search_ops needs at least 2 distinct ops (a supernet)")
   try:
     a.windows = [int(w) for w in split(a.windows)]
   except ValueError:

@@ -7,16 +7,19 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 from fanas_jax import parallel
 from fanas_jax.cost import op_cost
+from fanas_jax.cpc import grid_size
 from fanas_jax.data.datasets import DATASETS
-from fanas_jax.derive import DERIVE_RULES
-from fanas_jax.genotype import NAMED_GENOTYPES, search_space_from_config
+from fanas_jax.derive import DERIVE_RULES, budget_from_config, derive
+from fanas_jax.genotype import DeriveLimits, NAMED_GENOTYPES, search_space_from_config
 from fanas_jax.model import DTYPES
 from fanas_jax.objectives import OBJECTIVES
 from fanas_jax.ops.attention import IMPLEMENTATIONS
 from fanas_jax.ops.layers import OPS, STEMS
+from fanas_jax.steps import SEARCH_MODES
 
 ALL_STAGES = ("search_phase1", "search_phase2", "derive", "train", "retrieval")
 SEARCH_STAGES = ("search_phase1", "search_phase2")
@@ -66,6 +69,45 @@ def _check_choice(value: Any, choices: Any, key: str) -> None:
     raise ConfigError(f"{key}={value!r} is not one of: {', '.join(sorted(choices))}.")
 
 
+def _check_cpc(cpc: Any, image_size: int, reduction: int, stem: str, key: str) -> None:
+  """Every patch runs through the whole network, so it obeys image_size's rule."""
+  size, stride = cpc.patch_size, cpc.patch_stride
+  if size <= 0 or size % reduction or size > image_size:
+    raise ConfigError(
+        f"{key}.patch_size={size} cannot pass through the 5-stage network with the "
+        f"{stem!r} stem: it must be a positive multiple of {reduction} no larger than "
+        f"image_size ({image_size}).")
+  if stride < 1:
+    raise ConfigError(f"{key}.patch_stride={stride} must be at least 1.")
+  rows = grid_size(image_size, size, stride)
+  offsets = tuple(cpc.offsets)
+  if not offsets or len(set(offsets)) < len(offsets) or not all(
+      0 < k < rows for k in offsets):
+    raise ConfigError(
+        f"{key}.offsets={offsets} must be distinct rows ahead in 1..{rows - 1}: "
+        f"image_size {image_size}, patch_size {size} and patch_stride {stride} give "
+        f"{rows} patch row(s).")
+  if cpc.context_layers < 1:
+    raise ConfigError(f"{key}.context_layers={cpc.context_layers} must be at least 1.")
+  if cpc.context_heads < 1 or cpc.embed_dim % cpc.context_heads:
+    raise ConfigError(f"{key}.embed_dim={cpc.embed_dim} must be divisible by "
+                      f"{key}.context_heads={cpc.context_heads} (at least 1).")
+
+
+def _check_bilevel(cfg: Any, stage: str) -> None:
+  """The search step's mode, alpha warm-up and Gumbel temperatures."""
+  _check_choice(cfg.mode, SEARCH_MODES, f"{stage}.mode")
+  if not 0 <= cfg.warmup_epochs < cfg.epochs:
+    raise ConfigError(f"{stage}.warmup_epochs={cfg.warmup_epochs} must be in "
+                      f"0..{cfg.epochs - 1}: alpha needs at least one epoch of updates.")
+  if cfg.mode == "gumbel":
+    if not cfg.gumbel_tau_min > 0:
+      raise ConfigError(f"{stage}.gumbel_tau_min={cfg.gumbel_tau_min} must be positive.")
+    if not cfg.gumbel_tau_max >= cfg.gumbel_tau_min:
+      raise ConfigError(f"{stage}.gumbel_tau_max={cfg.gumbel_tau_max} must be at least "
+                        f"gumbel_tau_min ({cfg.gumbel_tau_min}).")
+
+
 def validate(config: Any) -> None:
   """Raises ConfigError for the first problem found."""
   run = stages(config)
@@ -83,6 +125,18 @@ def validate(config: Any) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   spec = DATASETS.get(config.dataset)
+  for key in ("max_params", "max_macs"):
+    if not isinstance(config.derive[key], int) or config.derive[key] < 0:
+      raise ConfigError(f"derive.{key}={config.derive[key]!r} must be a non-negative "
+                        "integer (0 = no cap).")
+  if "derive" in run and (config.derive.max_params or config.derive.max_macs):
+    try:  # Does any network within the limits fit? (Exact, milliseconds.)
+      derive({name: np.zeros(shape) for name, shape in space.alpha_shapes().items()},
+             space, config.derive.rule,
+             DeriveLimits(config.derive.max_window7, config.derive.max_global),
+             budget_from_config(config))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   _check_choice(config.model.dtype, DTYPES, "model.dtype")
   _check_choice(config.model.attention_impl, IMPLEMENTATIONS, "model.attention_impl")
 
@@ -108,12 +162,15 @@ def validate(config: Any) -> None:
     if cfg.init_alpha_from and cfg.init_alpha_from not in SEARCH_STAGES:
       raise ConfigError(f"Unknown {stage}.init_alpha_from {cfg.init_alpha_from!r}; "
                         f"valid choices: '', {', '.join(SEARCH_STAGES)}.")
+    _check_bilevel(cfg, stage)
     if cfg.objective == "car":
       if not 0 < cfg.box_size <= size:
         raise ConfigError(f"{stage}.box_size={cfg.box_size} must be in 1..image_size "
                           f"({size}).")
       if cfg.num_boxes < 1:
         raise ConfigError(f"{stage}.num_boxes={cfg.num_boxes} must be at least 1.")
+    if cfg.objective == "cpc":
+      _check_cpc(cfg.cpc, size, reduction, config.model.stem, f"{stage}.cpc")
   if any(s in run for s in SEARCH_STAGES):
     _check_width(config.model.width, search_ops, "model.width")
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from fanas_jax import config_checks, report
 from fanas_jax.cost import network_cost
-from fanas_jax.data.datasets import get_dataset
-from fanas_jax.derive import derive
+from fanas_jax.derive import budget_from_config, derive
 from fanas_jax.genotype import (DeriveLimits, Genotype, named_genotype, plot_genotype,
                                 search_space_from_config)
 from fanas_jax.search import run_search_phase
@@ -62,17 +61,18 @@ def derive_stage(config: Any, workdir: str, search_stage: str) -> dict[str, Any]
   space = search_space_from_config(config.search.candidates)
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
   alphas = {k: np.asarray(v) for k, v in found["alphas"].items()}
-  genotype = derive(alphas, space, config.derive.rule, limits)
+  budget = budget_from_config(config)
+  genotype = derive(alphas, space, config.derive.rule, limits, budget)
   genotype.check_limits(limits)
   # The cost of the network the train stage builds from it (arithmetic, no tracing).
-  spec = get_dataset(config.dataset)
-  cost = network_cost(genotype.layer_ops(), config.train.width, config.image_size,
-                      in_channels=spec.channels, stem=config.model.stem,
-                      num_classes=spec.num_classes)
+  cost = network_cost(genotype.layer_ops(), budget.width, budget.image_size,
+                      in_channels=budget.in_channels, stem=budget.stem,
+                      num_classes=budget.num_classes)
   record = {"genotype": genotype.to_dict(), "from_stage": search_stage,
             "epoch": found["epoch"], "select": config.derive.select,
             "rule": config.derive.rule,
-            "limits": {"max_window7": limits.max_window7, "max_global": limits.max_global},
+            "limits": {"max_window7": limits.max_window7, "max_global": limits.max_global,
+                       "max_params": budget.max_params, "max_macs": budget.max_macs},
             "cost": cost.totals(),
             "alphas": found["alphas"]}
   write_json(os.path.join(workdir, "genotype.json"), record)

@@ -5,7 +5,9 @@
 DARTS-style mixture weighted by softmax(alpha); a layer with one candidate is that
 op alone, so a derived network is the static special case and compiles no dead
 branches. Architecture parameters (alphas) are passed in explicitly, never stored
-in 'params', so weight and architecture gradients are two clean argnums.
+in 'params', so weight and architecture gradients are two clean argnums. Instead of
+the mixture, a supernet can run a sampled single path (`gumbel_path`): each layer
+then executes only its sampled op, for memory-bounded search.
 
 Parameter paths are `backbone/stage{s}_layer{l}_{op}/...` in both forms, which is
 what makes inheriting the chosen ops' supernet weights a plain subtree copy.
@@ -47,6 +49,29 @@ def mixture_weights(alpha: jax.Array, mask: jax.Array | None = None) -> jax.Arra
   return jax.nn.softmax(jnp.where(mask, alpha, -jnp.inf), axis=-1, where=mask)
 
 
+def gumbel_path(alphas: Mapping[str, jax.Array], key: jax.Array,
+                tau: jax.Array | float) -> dict[str, jax.Array]:
+  """One sampled op per layer (GDAS): the hard one-hot of gumbel_softmax(alpha, tau).
+
+  The value is exactly one-hot and the gradient is that of the soft sample
+  (straight-through), so alpha still learns while each layer runs one op.
+  Returns per-stage [layers, n_ops], the `path` argument of Backbone.
+  """
+  path = {}
+  for i, (name, alpha) in enumerate(sorted(alphas.items())):
+    alpha = alpha.astype(jnp.float32)
+    noise = jax.random.gumbel(jax.random.fold_in(key, i), alpha.shape, jnp.float32)
+    soft = jax.nn.softmax((alpha + noise) / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), alpha.shape[-1], dtype=soft.dtype)
+    # soft - stop_gradient(soft) is exactly 0, so the value stays exactly one-hot.
+    path[name] = hard + (soft - jax.lax.stop_gradient(soft))
+  return path
+
+
+# Bottleneck(x, train) that saves only its input for the backward pass (train static).
+_RematBottleneck = nn.remat(Bottleneck, static_argnums=(2,))
+
+
 class Backbone(nn.Module):
   """Stem + five stages; returns the features every head may need."""
   layer_ops: Any  # tuple [stage][layer] -> tuple of op names
@@ -58,10 +83,17 @@ class Backbone(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, alphas: Mapping[str, jax.Array] | None = None,
-               train: bool = False,
-               op_mask: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+               train: bool = False, op_mask: Mapping[str, jax.Array] | None = None,
+               path: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     """op_mask: optional per-stage [layers, n_ops] bool; masked candidates are
-    still computed but weighted 0 (remove them from layer_ops to skip them)."""
+    still computed but weighted 0 (remove them from layer_ops to skip them).
+
+    path: optional per-stage [layers, n_ops] one-hot weights (`gumbel_path`) that
+    replace the mixture: each layer runs only the op at its row's argmax, scaled by
+    that weight (1 in value; it carries the straight-through gradient to alpha).
+    """
+    if path is not None and op_mask is not None:
+      raise ValueError("op_mask masks the softmax mixture; a sampled path has no mask.")
     x = x.astype(self.dtype)
     x = STEMS.get(self.stem, key="model.stem")(self.width, self.dtype, self.bn_axis_name,
                                                  name="stem")(x, train)
@@ -78,21 +110,50 @@ class Backbone(nn.Module):
       for l in range(LAYERS_PER_STAGE):
         ops = tuple(self.layer_ops[s][l])
         stride = 2 if (kind == "reduce" and l == 0) else 1
-        outs = [Bottleneck(op, width, stride, dtype=self.dtype,
-                           bn_axis_name=self.bn_axis_name,
-                           attention_impl=self.attention_impl,
-                           name=f"{name}_layer{l + 1}_{op}")(x, train)
+        options = dict(features=width, stride=stride, dtype=self.dtype,
+                       bn_axis_name=self.bn_axis_name, attention_impl=self.attention_impl)
+        if len(ops) > 1 and path is not None:
+          x = self._sampled_layer(options, ops, f"{name}_layer{l + 1}", x,
+                                  path[name][l], train)
+          continue
+        outs = [Bottleneck(op, name=f"{name}_layer{l + 1}_{op}", **options)(x, train)
                 for op in ops]
         if len(outs) == 1:
           x = outs[0]
         else:
           if alphas is None:
-            raise ValueError("A supernet (several candidates per layer) needs alphas.")
+            raise ValueError("A supernet (several candidates per layer) needs alphas "
+                             "or a sampled path.")
           mask = None if op_mask is None else op_mask[name]
           w = mixture_weights(alphas[name], mask)[l]
           x = sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
       features[name] = x
     return features
+
+  def _sampled_layer(self, options: dict[str, Any], ops: Sequence[str], prefix: str,
+                     x: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+    """Runs only the op at argmax(weights), through nn.switch.
+
+    The compiled program holds every candidate as a branch of one conditional and
+    executes just the selected one, so unsampled ops cost no compute and their BN
+    statistics stay as they were. The branches are rematerialised: differentiating a
+    conditional saves the union of all branches' residuals (zeros for the untaken
+    ones), so without remat every candidate's activations would still take memory;
+    with it a branch saves only its input and the backward pass recomputes the
+    sampled op alone. Initialisation runs every branch first, since all branches
+    must see the same variables.
+    """
+    def branch(op):
+      return lambda mdl, y: _RematBottleneck(op, name=f"{prefix}_{op}", parent=mdl,
+                                             **options)(y, train)
+
+    branches = [branch(op) for op in ops]
+    if self.is_initializing():
+      for fn in branches:
+        fn(self, x)
+    index = jnp.argmax(weights)
+    y = nn.switch(index, branches, self, x)
+    return weights[index].astype(y.dtype) * y
 
 
 class ClassifierHead(nn.Module):
@@ -180,8 +241,8 @@ class Model(nn.Module):
                              self.bn_axis_name, self.attention_impl)
     self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
 
-  def __call__(self, x, alphas=None, train: bool = False, op_mask=None):
-    return self.task_head(self.backbone(x, alphas, train, op_mask), train)
+  def __call__(self, x, alphas=None, train: bool = False, op_mask=None, path=None):
+    return self.task_head(self.backbone(x, alphas, train, op_mask, path), train)
 
 
 def freeze_layer_ops(layer_ops: LayerOps) -> tuple:

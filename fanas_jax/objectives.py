@@ -5,17 +5,20 @@ network needs, and scores the head's output. `car` is the paper's context
 auto-regression pretext: zero random boxes of the image and restore the whole clean
 image (L1). The masked image is the input and the clean image the target in BOTH
 the weight and the architecture step (the released code fed the clean image to the
-architecture step; we do not). `supervised` is cross-entropy for phase 2.
+architecture step; we do not). `cpc` is the CPC-style variant (fanas_jax/cpc.py):
+predict patch embeddings rows ahead from a causal context, scored by InfoNCE.
+`supervised` is cross-entropy for phase 2.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fanas_jax import cpc  # Registers the 'cpc' head before any Model is set up.
 from fanas_jax.registry import Registry
 
 Batch = dict[str, jax.Array]
@@ -39,10 +42,24 @@ def box_mask(rng: jax.Array, image_size: int, num_boxes: int, box_size: int) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """How a batch becomes (inputs, targets) and how the head output is scored."""
+  """How a batch becomes (inputs, targets) and how the head output is scored.
+
+  head_config: the head options the objective itself fixes (e.g. the patch grid).
+  """
   head: str
   make_inputs: Callable[[Batch, jax.Array], tuple[jax.Array, jax.Array]]
   loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+  head_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def input_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The network input's shape for a batch of image_shape (traced, not computed).
+
+    Not always the image's: `cpc` feeds every patch as its own example.
+    """
+    batch = {"image": jax.ShapeDtypeStruct(image_shape, jnp.float32),
+             "label": jax.ShapeDtypeStruct(image_shape[:1], jnp.int32)}
+    inputs, _ = jax.eval_shape(self.make_inputs, batch, jax.random.key(0))
+    return tuple(inputs.shape)
 
 
 def _car(config: Any) -> Objective:
@@ -59,6 +76,29 @@ def _car(config: Any) -> Objective:
     return l1, {"l1": l1}
 
   return Objective("car_decoder", make_inputs, loss)
+
+
+def _cpc(config: Any) -> Objective:
+  """Each patch of each image is one network input; labels are unused."""
+  options = config.cpc
+  size, stride = options.patch_size, options.patch_stride
+  side = cpc.grid_size(config.image_size, size, stride)
+
+  def make_inputs(batch, rng):
+    del rng
+    patches = cpc.extract_patches(batch["image"], size, stride)
+    return patches.reshape(-1, *patches.shape[3:]), None
+
+  def loss(out, targets):
+    del targets
+    value, accuracy = cpc.info_nce(out["predictions"], out["z"], out["target_index"])
+    return value, {"info_nce": value, "accuracy": accuracy}
+
+  head_config = dict(grid=(side, side), embed_dim=options.embed_dim,
+                     context_layers=options.context_layers,
+                     context_heads=options.context_heads,
+                     offsets=tuple(int(k) for k in options.offsets))
+  return Objective("cpc", make_inputs, loss, head_config)
 
 
 def _supervised(config: Any) -> Objective:
@@ -111,6 +151,7 @@ def _proxy_anchor(config: Any) -> Objective:
 
 OBJECTIVES: Registry = Registry("objective")
 OBJECTIVES.add("car", _car)
+OBJECTIVES.add("cpc", _cpc)
 OBJECTIVES.add("supervised", _supervised)
 OBJECTIVES.add("proxy_anchor", _proxy_anchor)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 
@@ -25,6 +26,20 @@ def alpha_optimizer(cfg: Any) -> optax.GradientTransformation:
   return optax.chain(
       optax.add_decayed_weights(cfg.a_weight_decay),
       optax.adam(cfg.a_lr, b1=cfg.a_b1, b2=cfg.a_b2))
+
+
+def gumbel_temperature(cfg: Any, total_steps: int) -> optax.Schedule:
+  """GDAS's linear decay: gumbel_tau_max at the first step, gumbel_tau_min at the last.
+
+  Written as (1 - f) * max + f * min, so both endpoints are exact.
+  """
+  tau_max, tau_min, last = cfg.gumbel_tau_max, cfg.gumbel_tau_min, max(total_steps - 1, 1)
+
+  def schedule(step):
+    f = jnp.clip(step / last, 0.0, 1.0)
+    return (1.0 - f) * tau_max + f * tau_min
+
+  return schedule
 
 
 def train_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:

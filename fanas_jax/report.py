@@ -64,7 +64,8 @@ def write_summary(config: Any, workdir: str, results: Mapping[str, Any],
     figure = os.path.join(stage_dir(workdir, stage), "alpha_heatmap.png")
     plot_alpha_history(history, candidates, figure)
     lines += [f"## {stage}: {config[stage].objective}", "",
-              f"- architecture-half loss: {r['first_a_loss']:.4f} (epoch 1) -> "
+              f"- architecture-half loss: {r['first_a_loss']:.4f} "
+              f"(epoch {r['first_a_epoch']}) -> "
               f"{r['final_a_loss']:.4f} (last)",
               f"- weight-half loss (last epoch): {r['final_w_loss']:.4f}",
               f"- mean alpha entropy per layer: {r['entropy_first']:.6f} -> "

@@ -1,10 +1,12 @@
-"""The bilevel, first-order DARTS-style search of SPEC.md 3 (one phase).
+"""The bilevel DARTS-style search of SPEC.md 3 (one phase).
 
 Each step first updates the architecture (alphas) on a batch from the architecture
 half of the data, then the weights on a batch from the weight half, with separate
 optax optimizers. Both halves have their own persistent iterator, so the alpha step
 walks through the whole architecture half. Phase 1 uses the `car` objective
-(labels unused), phase 2 `supervised` with alphas initialised from phase 1.
+(labels unused), phase 2 `supervised` with alphas initialised from phase 1. The
+alpha gradient is first order, second order or Gumbel single-path (`mode`), and
+the first `warmup_epochs` epochs train the weights only.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 from fanas_jax import optim, parallel
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
-from fanas_jax.derive import derive, layer_entropy
+from fanas_jax.derive import budget_from_config, derive, layer_entropy
 from fanas_jax.genotype import DeriveLimits, search_space_from_config
 from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import make_model, model_options
@@ -42,8 +44,10 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   spec = get_dataset(config.dataset)
   space = search_space_from_config(config.search.candidates)
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
+  budget = budget_from_config(config)
   objective = make_objective(cfg.objective, _objective_config(config, cfg, spec))
   head_cfg = {"car_decoder": dict(out_channels=spec.channels),
+              "cpc": objective.head_config,
               "classifier": dict(num_classes=spec.num_classes, dropout=0.0)}[objective.head]
   model = make_model(space.layer_ops(), config.model.width, objective.head,
                      **model_options(config.model), **head_cfg)
@@ -67,7 +71,8 @@ def run_search_phase(config: Any, workdir: str, stage: str,
       jax.random.fold_in(key, zlib.crc32(stage.encode())), 3)
   alphas = (init_alphas(space, k_alpha, cfg.alpha_init_std) if init_alpha is None
             else jax.tree.map(jnp.asarray, init_alpha))
-  input_shape = (1, config.image_size, config.image_size, spec.channels)
+  input_shape = objective.input_shape(
+      (1, config.image_size, config.image_size, spec.channels))
   mesh = parallel.make_mesh()
   state = parallel.replicate(init_search_state(model, alphas, w_tx, a_tx, k_init,
                                                input_shape), mesh)
@@ -75,12 +80,21 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   ckpts = EpochCheckpoints(workdir, stage, [w_iter, a_iter])
   state, start_epoch, extra = ckpts.restore_or(state)
   history = extra.get("history", [])
-  step_fn = jax.jit(make_search_step(model, objective, w_tx, a_tx), donate_argnums=0)
+  warmup_steps = cfg.warmup_epochs * steps_per_epoch
+  tau_schedule = (optim.gumbel_temperature(cfg, total_steps) if cfg.mode == "gumbel"
+                  else None)
+  step_fn = jax.jit(make_search_step(model, objective, w_tx, a_tx, cfg.mode,
+                                     warmup_steps=warmup_steps,
+                                     tau_schedule=tau_schedule), donate_argnums=0)
   writer = MetricWriter(workdir, stage)
   print(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
         f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
         f"({local_batch}/process, {jax.device_count()} devices) "
         f"weight half={len(w_half)} architecture half={len(a_half)}")
+  print(f"[{stage}] mode={cfg.mode} alpha warm-up={cfg.warmup_epochs} epochs "
+        f"({warmup_steps} weight-only steps)" +
+        (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"
+         if cfg.mode == "gumbel" else ""))
   next_inputs = lambda: (parallel.shard_batch(next(w_iter), mesh),
                          parallel.shard_batch(next(a_iter), mesh), k_steps)
   if start_epoch < cfg.epochs:
@@ -92,15 +106,22 @@ def run_search_phase(config: Any, workdir: str, stage: str,
     t0 = time.time()
     state, means = run_epoch(step_fn, state, next_inputs, steps_per_epoch, bar,
                              cfg.batch_size)
+    # Warm-up spans whole epochs; there the alpha pass did not run, so its metrics
+    # are placeholders and are dropped.
+    alpha_updated = means["alpha_updated"] > 0
+    if not alpha_updated:
+      means = {k: v for k, v in means.items() if not k.startswith("a_")}
+    a_loss = means["a_loss"] if alpha_updated else None
     alphas_np = _to_numpy(state.alphas)
-    genotype = derive(alphas_np, space, config.derive.rule, limits)
+    genotype = derive(alphas_np, space, config.derive.rule, limits, budget)
     entropy = layer_entropy(alphas_np)
-    record = dict(means, epoch=epoch + 1,
+    record = dict(means, epoch=epoch + 1, mode=cfg.mode,
                   epoch_seconds=time.time() - t0,
                   mean_alpha_entropy=float(np.mean(list(entropy.values()))))
-    bar.set_postfix(w_loss=f"{means['w_loss']:.3f}", a_loss=f"{means['a_loss']:.3f}")
-    history.append({"epoch": epoch + 1, "w_loss": means["w_loss"],
-                    "a_loss": means["a_loss"],
+    bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
+                    a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
+    history.append({"epoch": epoch + 1, "w_loss": means["w_loss"], "a_loss": a_loss,
+                    "alpha_updated": alpha_updated,
                     "alphas": {k: v.tolist() for k, v in alphas_np.items()},
                     "entropy": {k: v.tolist() for k, v in entropy.items()},
                     "genotype": genotype.to_dict()})
@@ -113,7 +134,8 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   out_dir = stage_dir(workdir, stage)
   write_json(os.path.join(out_dir, "alpha_history.json"), history)
   chosen = select_epoch(history, config.derive.select)
-  genotype = derive(chosen["alphas"], space, config.derive.rule, limits)
+  first_alpha_epoch = next(h for h in history if h.get("alpha_updated", True))
+  genotype = derive(chosen["alphas"], space, config.derive.rule, limits, budget)
   write_json(os.path.join(out_dir, "genotype.json"),
              {"genotype": genotype.to_dict(), "epoch": chosen["epoch"],
               "select": config.derive.select, "rule": config.derive.rule,
@@ -121,21 +143,24 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   return {"genotype": genotype.to_dict(), "alphas": chosen["alphas"],
           "epoch": chosen["epoch"], "final_alphas": history[-1]["alphas"],
           "final_w_loss": history[-1]["w_loss"], "final_a_loss": history[-1]["a_loss"],
-          "first_a_loss": history[0]["a_loss"],
+          "first_a_loss": first_alpha_epoch["a_loss"],
+          "first_a_epoch": first_alpha_epoch["epoch"],
           "entropy_first": float(np.mean([np.mean(v) for v in history[0]["entropy"].values()])),
           "entropy_last": float(np.mean([np.mean(v) for v in history[-1]["entropy"].values()]))}
 
 
 def select_epoch(history: list[dict[str, Any]], select: str) -> dict[str, Any]:
-  """'last': the final epoch; 'best': the epoch with the lowest architecture-half loss."""
+  """'last': the final epoch; 'best': the epoch with the lowest architecture-half loss
+  (alpha warm-up epochs have none and are skipped)."""
   if select == "last":
     return history[-1]
   if select == "best":
-    return min(history, key=lambda h: h["a_loss"])
+    return min((h for h in history if h["a_loss"] is not None), key=lambda h: h["a_loss"])
   raise ValueError(f"Unknown derive.select {select!r}; valid choices: best, last.")
 
 
 def _objective_config(config: Any, cfg: Any, spec: Any) -> Any:
   return ml_collections.ConfigDict(dict(
       image_size=config.image_size, num_boxes=cfg.get("num_boxes", 4),
-      box_size=cfg.get("box_size", 8), num_classes=spec.num_classes))
+      box_size=cfg.get("box_size", 8), num_classes=spec.num_classes,
+      cpc=cfg.get("cpc")))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fanas_jax.genotype import SearchSpace
-from fanas_jax.model import Model
+from fanas_jax.model import Model, gumbel_path
 from fanas_jax.objectives import Objective
 
 
@@ -58,48 +58,118 @@ def init_variables(model: Model, rng: jax.Array, input_shape: tuple[int, ...],
   return model.lazy_init(rng, x, alphas)
 
 
-def make_loss_fn(model: Model, objective: Objective) -> Callable:
-  """(params, alphas, batch_stats, batch, key) -> (loss, (metrics, new batch_stats))."""
+def make_loss_fn(model: Model, objective: Objective,
+                 sample_path: bool = False) -> Callable:
+  """(params, alphas, batch_stats, batch, key[, tau]) -> (loss, (metrics, batch_stats)).
 
-  def loss_fn(params, alphas, batch_stats, batch, key):
+  sample_path: each layer runs one op sampled by `gumbel_path` at temperature tau
+  instead of the softmax mixture; alphas still get the straight-through gradient.
+  """
+
+  def loss_fn(params, alphas, batch_stats, batch, key, tau=None):
+    arch = {}
+    if sample_path:
+      k_path, key = jax.random.split(key)
+      arch["path"] = gumbel_path(alphas, k_path, tau)
     k_inputs, k_dropout = jax.random.split(key)
     inputs, targets = objective.make_inputs(batch, k_inputs)
     out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, inputs,
                                alphas, train=True, mutable=["batch_stats"],
-                               rngs={"dropout": k_dropout})
+                               rngs={"dropout": k_dropout}, **arch)
     loss, metrics = objective.loss(out, targets)
     return loss, (metrics, mutated["batch_stats"])
 
   return loss_fn
 
 
-def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTransformation,
-                     a_tx: optax.GradientTransformation) -> Callable:
-  """One first-order bilevel step: alpha on the architecture batch, then weights.
+SEARCH_MODES = ("first_order", "second_order", "gumbel")
 
-  The alpha pass runs the network in training mode (batch statistics) but leaves the
-  running batch-norm statistics untouched; only the weight pass updates them. Each
-  optimizer only ever sees its own gradients.
+
+def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTransformation,
+                     a_tx: optax.GradientTransformation, mode: str = "first_order", *,
+                     warmup_steps: int = 0,
+                     tau_schedule: optax.Schedule | None = None) -> Callable:
+  """One bilevel step: alpha on the architecture batch, then weights on the weight batch.
+
+  mode 'first_order': grad_alpha L_arch(w, alpha) (DARTS first order).
+  mode 'second_order': grad_alpha L_arch(w'(alpha), alpha) by autodiff through one
+    virtual step w' = w + w_tx.update(grad_w L_weight(w, alpha)), i.e. the weight
+    optimizer's next step from its current state, on the weight batch with the weight
+    pass's keys. So xi is the weight schedule's current learning rate and, as in
+    DARTS, momentum and weight decay enter w' (both independent of alpha); unlike
+    DARTS the virtual step also clips, as the real one does. With plain SGD this is
+    w' = w - xi * grad_w L_weight(w, alpha). The alpha update thus legitimately
+    depends on the weight batch.
+  mode 'gumbel': both passes run one op per layer sampled from
+    gumbel_softmax(alpha, tau) with independent noise (GDAS), tau = tau_schedule(step).
+
+  Every pass runs the network in training mode (batch statistics); only the real
+  weight pass updates the running BN statistics. Each optimizer only ever sees its
+  own gradients. For the first `warmup_steps` steps the alpha pass is skipped (one
+  lax.cond on the step counter, so one compiled program): alpha and its optimizer
+  state stay as they are while the weights train.
   """
-  loss_fn = make_loss_fn(model, objective)
-  arch_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+  if mode not in SEARCH_MODES:
+    raise ValueError(f"Unknown search mode {mode!r}; valid choices: "
+                     f"{', '.join(SEARCH_MODES)}.")
+  if (mode == "gumbel") != (tau_schedule is not None):
+    raise ValueError("tau_schedule is the gumbel mode's temperature; give it in that "
+                     "mode only.")
+  loss_fn = make_loss_fn(model, objective, sample_path=mode == "gumbel")
   weight_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+  arch_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+  def unrolled_loss(alphas, state, w_batch, a_batch, k_arch, k_weight):
+    """L_arch at the weights one virtual weight step ahead, as a function of alpha."""
+    _, grads = weight_grad(state.params, alphas, state.batch_stats, w_batch, k_weight)
+    updates, _ = w_tx.update(grads, state.w_opt_state, state.params)
+    virtual = optax.apply_updates(state.params, updates)
+    return loss_fn(virtual, alphas, state.batch_stats, a_batch, k_arch)
+
+  unrolled_grad = jax.value_and_grad(unrolled_loss, has_aux=True)
+
+  def alpha_pass(state, w_batch, a_batch, k_arch, k_weight, tau):
+    """-> (alphas, alpha optimizer state, (loss, metrics), gradients) after one step."""
+    if mode == "second_order":
+      (a_loss, (a_metrics, _)), a_grads = unrolled_grad(
+          state.alphas, state, w_batch, a_batch, k_arch, k_weight)
+    else:
+      (a_loss, (a_metrics, _)), a_grads = arch_grad(
+          state.params, state.alphas, state.batch_stats, a_batch, k_arch, tau)
+    a_updates, a_opt_state = a_tx.update(a_grads, state.a_opt_state, state.alphas)
+    alphas = optax.apply_updates(state.alphas, a_updates)
+    return alphas, a_opt_state, (a_loss, a_metrics), a_grads
+
+  def warmup_pass(state, *args):
+    """No alpha step: alpha and its optimizer state pass through; the rest is 0."""
+    _, _, *outputs = jax.eval_shape(alpha_pass, state, *args)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
+    return state.alphas, state.a_opt_state, *zeros
 
   def step(state: SearchState, w_batch, a_batch, key):
     k_arch, k_weight = jax.random.split(jax.random.fold_in(key, state.step))
-    (a_loss, (a_metrics, _)), a_grads = arch_grad(
-        state.params, state.alphas, state.batch_stats, a_batch, k_arch)
-    a_updates, a_opt_state = a_tx.update(a_grads, state.a_opt_state, state.alphas)
-    alphas = optax.apply_updates(state.alphas, a_updates)
+    tau = None if tau_schedule is None else jnp.asarray(tau_schedule(state.step),
+                                                        jnp.float32)
+    args = (state, w_batch, a_batch, k_arch, k_weight, tau)
+    if warmup_steps:
+      update_alpha = state.step >= warmup_steps
+      alphas, a_opt_state, (a_loss, a_metrics), a_grads = jax.lax.cond(
+          update_alpha, alpha_pass, warmup_pass, *args)
+    else:
+      update_alpha = jnp.ones((), bool)
+      alphas, a_opt_state, (a_loss, a_metrics), a_grads = alpha_pass(*args)
     (w_loss, (w_metrics, batch_stats)), w_grads = weight_grad(
-        state.params, alphas, state.batch_stats, w_batch, k_weight)
+        state.params, alphas, state.batch_stats, w_batch, k_weight, tau)
     w_updates, w_opt_state = w_tx.update(w_grads, state.w_opt_state, state.params)
     params = optax.apply_updates(state.params, w_updates)
     metrics = {"w_loss": w_loss, "a_loss": a_loss,
                "w_grad_norm": optax.tree.norm(w_grads),
-               "a_grad_norm": optax.tree.norm(a_grads)}
+               "a_grad_norm": optax.tree.norm(a_grads),
+               "alpha_updated": update_alpha.astype(jnp.float32)}
     metrics.update({f"w_{k}": v for k, v in w_metrics.items()})
     metrics.update({f"a_{k}": v for k, v in a_metrics.items()})
+    if tau is not None:
+      metrics["tau"] = tau
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               alphas=alphas, w_opt_state=w_opt_state,
                               a_opt_state=a_opt_state)

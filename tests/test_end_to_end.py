@@ -33,6 +33,7 @@ def test_pipeline_writes_every_output(finished_run):
                "search_phase2/alpha_history.json", "train/result.json",
                "retrieval/result.json", "search_phase1/checkpoints", "train/checkpoints"]:
     assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.path.getsize(os.path.join(workdir, "genotype.png")) > 10_000
   assert os.listdir(os.path.join(workdir, "tensorboard", "train"))
 
   record = json.load(open(os.path.join(workdir, "genotype.json")))
@@ -84,6 +85,7 @@ def test_rerun_with_another_config_is_refused(finished_run):
     ("--config.search.candidates=('local3_h4','conv3')", "valid choices: axial_h4"),
     ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
     ("--config.derive.rule=greedy", "valid choices: argmax, constrained"),
+    ("--config.derive.max_params=1000", "No derivable network fits the budget"),
 ])
 def test_bad_input_fails_before_compute_with_one_line(tmp_path, override, message):
   proc = _run(str(tmp_path / "w"), override)

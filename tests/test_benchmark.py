@@ -1,0 +1,36 @@
+"""The benchmark command: its table, its JSON and its argument checks (tiny shapes)."""
+import json
+
+import pytest
+
+from fanas_jax import benchmark
+
+
+def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
+  path = tmp_path / "bench.json"
+  result = benchmark.main([
+      "--suite=ops", "--batch=1", "--size=6", "--channels=16", "--heads=2",
+      "--windows=3", "--modules=local3_h4,axial_h4", "--dtype=float32", "--iters=2",
+      "--warmup=0", f"--json={path}"])
+  names = [r["name"] for r in result["rows"]]
+  assert names == ["global attention (xla)", "local 3x3 (blocked)", "local 3x3 (scan)",
+                   "local3_h4 module", "axial_h4 module"]
+  assert result["rows"][0]["vs_global"] == 1.0
+  for row in result["rows"]:
+    assert row["median_ms"] > 0 and row["macs"] > 0 and row["tflops"] > 0
+  assert json.loads(path.read_text())["rows"][1]["name"] == "local 3x3 (blocked)"
+  assert "local 3x3 (scan)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--impls=gather"], "--impls takes blocked, scan"),
+    (["--windows=4"], "--windows takes odd integers"),
+    (["--modules=conv3"], "unknown ops ['conv3']"),
+    (["--search_modes=third_order"], "--search_modes takes"),
+    (["--channels=30", "--heads=8"], "must split into --heads"),
+])
+def test_bad_arguments_are_refused_before_compute(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.parse_args(args)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
