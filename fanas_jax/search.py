@@ -23,7 +23,7 @@ import numpy as np
 from fanas_jax import optim, parallel
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
-from fanas_jax.derive import budget_from_config, derive, layer_entropy
+from fanas_jax.derive import budget_from_config, derive, layer_entropy, log_softmax
 from fanas_jax.genotype import DeriveLimits, search_space_from_config
 from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import make_model, model_options
@@ -117,7 +117,9 @@ def run_search_phase(config: Any, workdir: str, stage: str,
     entropy = layer_entropy(alphas_np)
     record = dict(means, epoch=epoch + 1, mode=cfg.mode,
                   epoch_seconds=time.time() - t0,
-                  mean_alpha_entropy=float(np.mean(list(entropy.values()))))
+                  mean_alpha_entropy=float(np.mean(list(entropy.values()))),
+                  **_per_layer_scalars(alphas_np, entropy, space))
+    _collapse_alarm(stage, epoch + 1, entropy, alphas_np, space)
     bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
                     a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
     history.append({"epoch": epoch + 1, "w_loss": means["w_loss"], "a_loss": a_loss,
@@ -147,6 +149,38 @@ def run_search_phase(config: Any, workdir: str, stage: str,
           "first_a_epoch": first_alpha_epoch["epoch"],
           "entropy_first": float(np.mean([np.mean(v) for v in history[0]["entropy"].values()])),
           "entropy_last": float(np.mean([np.mean(v) for v in history[-1]["entropy"].values()]))}
+
+
+def _per_layer_scalars(alphas: dict[str, np.ndarray], entropy: dict[str, np.ndarray],
+                       space: Any) -> dict[str, float]:
+  """'alpha/stageS/layerL/OP' (softmax weight) and 'entropy/stageS/layerL' scalars, so
+  JSON lines and TensorBoard show every layer's mixture over the epochs."""
+  out = {}
+  for s, ops in enumerate(space.candidates):
+    name = f"stage{s + 1}"
+    probs = np.exp(log_softmax(alphas[name]))
+    for l in range(probs.shape[0]):
+      out[f"entropy/{name}/layer{l + 1}"] = float(entropy[name][l])
+      out.update({f"alpha/{name}/layer{l + 1}/{op}": float(probs[l, o])
+                  for o, op in enumerate(ops)})
+  return out
+
+
+# A layer whose mixture entropy falls under this fraction of uniform has all but
+# chosen one op: early in a search that is the DARTS collapse to watch for.
+COLLAPSE_FRACTION = 0.25
+
+
+def _collapse_alarm(stage: str, epoch: int, entropy: dict[str, np.ndarray],
+                    alphas: dict[str, np.ndarray], space: Any) -> None:
+  for s, ops in enumerate(space.candidates):
+    name = f"stage{s + 1}"
+    uniform = np.log(len(ops))
+    for l, h in enumerate(entropy[name]):
+      if len(ops) > 1 and h < COLLAPSE_FRACTION * uniform:
+        top = ops[int(np.argmax(alphas[name][l]))]
+        print(f"[{stage}] epoch {epoch}: {name} layer {l + 1} has collapsed onto {top} "
+              f"(entropy {h:.3f} nats, uniform {uniform:.3f})", flush=True)
 
 
 def select_epoch(history: list[dict[str, Any]], select: str) -> dict[str, Any]:

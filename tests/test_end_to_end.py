@@ -56,6 +56,10 @@ def test_pipeline_writes_every_output(finished_run):
   assert r == sorted(r) and retrieval["test_classes"] == [5, 6, 7, 8, 9]
 
   stages = {json.loads(l)["stage"] for l in open(os.path.join(workdir, "metrics.jsonl"))}
+  search = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
+            if '"search_phase1"' in l]
+  probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in ORIGINAL_OPS]
+  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage5/layer3"] <= 1.946
   assert stages == {"search_phase1", "search_phase2", "train", "retrieval"}
   summary = open(os.path.join(workdir, "summary.md")).read()
   assert "test top-1" in summary and "Recall@1" in summary
