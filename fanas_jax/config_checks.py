@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from fanas_jax import parallel
-from fanas_jax.cost import op_cost
+from fanas_jax.cost import require_cost_function
 from fanas_jax.cpc import grid_size
 from fanas_jax.data.datasets import DATASETS
 from fanas_jax.derive import DERIVE_RULES, budget_from_config, derive
@@ -121,7 +121,7 @@ def validate(config: Any) -> None:
     if "derive" in run:  # derive reports the cost of what it derives
       for ops in space.candidates:
         for op in ops:
-          op_cost(op, 16, 8, 8)
+          require_cost_function(op)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   spec = DATASETS.get(config.dataset)

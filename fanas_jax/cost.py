@@ -106,14 +106,20 @@ for _heads in (4, 8):
   OP_COSTS.add(f"axial_h{_heads}", axial_attention_cost)
 
 
-def op_cost(op: str, channels: int, height: int, width: int) -> Cost:
-  """Cost of the op alone on a [height, width, channels] map."""
+def require_cost_function(op: str) -> OpSpec:
+  """The op's spec; a clear error if the op is unknown or has no cost function."""
   spec = OPS.get(op, key="op")
   if op not in OP_COSTS:
     raise ValueError(
         f"Op {op!r} has no cost function: register one with "
         f"fanas_jax.cost.OP_COSTS.add({op!r}, fn). Ops with one: "
         f"{', '.join(OP_COSTS.names())}.")
+  return spec
+
+
+def op_cost(op: str, channels: int, height: int, width: int) -> Cost:
+  """Cost of the op alone on a [height, width, channels] map."""
+  spec = require_cost_function(op)
   return OP_COSTS.get(op)(spec, channels, height, width)
 
 
