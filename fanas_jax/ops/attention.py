@@ -245,35 +245,28 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   q_blocks = _query_blocks(_query_blocks(q_heads, 1, height, block_y), 3,
                            width, block_x)
 
-  def axis_logits(rel, layout, first_half, q_axis):
-    """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along one axis."""
-    _, _, _, offset, valid = layout
+  def axis_logits(rel, layout, is_row):
+    """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along rows (is_row) or columns:
+    each query's relative-embedding logits at the region positions they belong to,
+    masked_logit where the key is outside the window or the map."""
+    _, region, _, offset, valid = layout
     one_hot = ((offset[:, :, None, :] == np.arange(window)[None, None, :, None])
                & valid[:, :, None, :])
-    bias = jnp.asarray(np.where(valid, 0.0, masked_logit), dtype)
+    bias = np.where(valid, 0.0, masked_logit)  # [nb, b, region] of this axis
+    bias = jnp.asarray(bias[None, :, :, None, None, None] if is_row
+                       else bias[None, None, None, :, :, None], dtype)
     if rel is None:
-      rel_logits = None
-    else:
-      zeros = jnp.zeros_like(rel)
-      table = jnp.concatenate([rel, zeros] if first_half else [zeros, rel], -1)
-      table = table.reshape(window, num_heads, head_dim).astype(dtype)
-      rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
-    if q_axis == "y":
-      bias = bias[None, :, :, None, None, None, :]
-      if rel_logits is None:
-        return jnp.broadcast_to(
-            bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region_y))
-      return jnp.einsum("bYyXxnw,Yywr->bYyXxnr", rel_logits,
-                        jnp.asarray(one_hot, dtype)) + bias
-    bias = bias[None, None, None, :, :, None, :]
-    if rel_logits is None:
       return jnp.broadcast_to(
-          bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region_x))
-    return jnp.einsum("bYyXxnw,Xxwr->bYyXxnr", rel_logits,
-                      jnp.asarray(one_hot, dtype)) + bias
+          bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region))
+    zeros = jnp.zeros_like(rel)
+    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+    table = table.reshape(window, num_heads, head_dim).astype(dtype)
+    rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
+    spec = "bYyXxnw,Yywr->bYyXxnr" if is_row else "bYyXxnw,Xxwr->bYyXxnr"
+    return jnp.einsum(spec, rel_logits, jnp.asarray(one_hot, dtype)) + bias
 
-  row_logits = axis_logits(rel_row, rows, True, "y")
-  col_logits = axis_logits(rel_col, cols, False, "x")
+  row_logits = axis_logits(rel_row, rows, True)
+  col_logits = axis_logits(rel_col, cols, False)
   aug_dim = head_dim + region_y + region_x
   pad_dim = -aug_dim % 8  # Multiples of 8 suit tensor cores (and cuDNN).
   q_aug = jnp.concatenate(
