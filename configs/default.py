@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.image_size = 32
   c.stages = STAGES
   c.eval_batch_size = 256
+  # Data parallelism: batch sizes are global (split over all devices and processes).
+  c.num_devices = 0           # size of the 1-D 'data' mesh; 0 = every device present
+  c.lr_reference_batch = 0    # 0: lrs as given; N: weight lrs x global batch / N (linear rule)
 
   c.model = ml_collections.ConfigDict(dict(
       width=16,               # search supernet width C

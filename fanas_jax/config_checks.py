@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from fanas_jax import parallel
@@ -52,16 +51,13 @@ def _check_width(width: int, ops: set[str], key: str) -> None:
           f"divisible by {heads} heads; use a multiple of {2 * max(heads, 2)}.")
 
 
-def _check_batch(value: int, key: str) -> None:
+def _check_batch(value: int, key: str, num_devices: int) -> None:
   if value <= 0:
     raise ConfigError(f"{key}={value} must be positive.")
   try:
-    parallel.check_batch_size(value, key)
+    parallel.check_batch_size(value, key, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if value % jax.process_count():
-    raise ConfigError(f"{key}={value} is not divisible by the process count "
-                      f"{jax.process_count()}.")
 
 
 def _check_choice(value: Any, choices: Any, key: str) -> None:
@@ -111,7 +107,13 @@ def _check_bilevel(cfg: Any, stage: str) -> None:
 def validate(config: Any) -> None:
   """Raises ConfigError for the first problem found."""
   run = stages(config)
+  if not isinstance(config.num_devices, int):
+    raise ConfigError(f"num_devices={config.num_devices!r} must be an integer (0 = all).")
+  if not isinstance(config.lr_reference_batch, int) or config.lr_reference_batch < 0:
+    raise ConfigError(f"lr_reference_batch={config.lr_reference_batch!r} must be a "
+                      "non-negative integer (0 = learning rates as given).")
   try:
+    parallel.check_mesh(config.num_devices)
     DATASETS.get(config.dataset, key="dataset")
     STEMS.get(config.model.stem, key="model.stem")
     space = search_space_from_config(config.search.candidates)
@@ -156,7 +158,7 @@ def validate(config: Any) -> None:
     if stage not in run:
       continue
     cfg = config[stage]
-    _check_batch(cfg.batch_size, f"{stage}.batch_size")
+    _check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
     if cfg.epochs < 1:
       raise ConfigError(f"{stage}.epochs={cfg.epochs} must be at least 1.")
     if cfg.init_alpha_from and cfg.init_alpha_from not in SEARCH_STAGES:
@@ -181,10 +183,10 @@ def validate(config: Any) -> None:
   all_ops = set(OPS.names())
   for stage in ("train", "retrieval"):
     if stage in run:
-      _check_batch(config[stage].batch_size, f"{stage}.batch_size")
+      _check_batch(config[stage].batch_size, f"{stage}.batch_size", config.num_devices)
       _check_width(config[stage].width, all_ops & (search_ops | _named_ops()),
                    f"{stage}.width")
-  _check_batch(config.eval_batch_size, "eval_batch_size")
+  _check_batch(config.eval_batch_size, "eval_batch_size", config.num_devices)
 
   if "retrieval" in run:
     train_c, test_c = list(config.retrieval.train_classes), list(config.retrieval.test_classes)

@@ -4,18 +4,31 @@ Thin on purpose: all logic lives in importable modules (experiment.run), which
 Colab notebooks and tests call directly.
 """
 import importlib.util
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fanas_jax import config_checks, experiment
+from fanas_jax import config_checks, experiment, parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for results, checkpoints and logs; rerun to resume.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", os.environ.get("FANAS_DISTRIBUTED", "auto"), parallel.DISTRIBUTED_MODES,
+    "Join a multi-process job through jax.distributed.initialize: 'auto' does on Cloud "
+    "TPU VMs or when JAX_COORDINATOR_ADDRESS or --coordinator_address is set; 'on' "
+    "always (the cluster is detected: TPU, SLURM, Open MPI, Kubernetes); 'off' never. "
+    "Default from $FANAS_DISTRIBUTED, else 'auto'.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (else from the environment).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (else from the environment).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (else from the environment).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,6 +88,8 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs off the console.
+  parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                  _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     experiment.run(_CONFIG.value, _WORKDIR.value)
   except config_checks.ConfigError as e:

@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import optax
 
 
-def search_weight_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
-  """SGD + momentum, cosine annealing to lr_min, weight decay, clipping."""
-  schedule = optax.cosine_decay_schedule(cfg.w_lr, max(total_steps, 1),
+def search_weight_optimizer(cfg: Any, total_steps: int,
+                            lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """SGD + momentum, cosine annealing to lr_min, weight decay, clipping.
+
+  `lr_scale` multiplies both ends of the schedule (the linear scaling rule).
+  """
+  schedule = optax.cosine_decay_schedule(lr_scale * cfg.w_lr, max(total_steps, 1),
                                          alpha=cfg.w_lr_min / cfg.w_lr)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
@@ -42,18 +46,20 @@ def gumbel_temperature(cfg: Any, total_steps: int) -> optax.Schedule:
   return schedule
 
 
-def train_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from warmup_from * lr, then cosine to lr_min."""
+def train_schedule(cfg: Any, steps_per_epoch: int, lr_scale: float = 1.0) -> optax.Schedule:
+  """Linear warm-up from warmup_from * lr, then cosine to lr_min (all x lr_scale)."""
   total = cfg.epochs * steps_per_epoch
   warmup = min(cfg.warmup_epochs * steps_per_epoch, total)
+  lr = lr_scale * cfg.lr
   return optax.warmup_cosine_decay_schedule(
-      init_value=cfg.warmup_from * cfg.lr, peak_value=cfg.lr,
+      init_value=cfg.warmup_from * lr, peak_value=lr,
       warmup_steps=warmup, decay_steps=max(total, warmup + 1),
-      end_value=cfg.lr_min)
+      end_value=lr_scale * cfg.lr_min)
 
 
-def train_optimizer(cfg: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+def train_optimizer(cfg: Any, steps_per_epoch: int,
+                    lr_scale: float = 1.0) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(train_schedule(cfg, steps_per_epoch), momentum=cfg.momentum))
+      optax.sgd(train_schedule(cfg, steps_per_epoch, lr_scale), momentum=cfg.momentum))

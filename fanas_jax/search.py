@@ -64,7 +64,8 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   w_iter = iterator(w_half, config.seed)
   a_iter = iterator(a_half, config.seed + 1)
 
-  w_tx = optim.search_weight_optimizer(cfg, total_steps)
+  lr_scale = parallel.lr_scale(cfg.batch_size, config.lr_reference_batch)
+  w_tx = optim.search_weight_optimizer(cfg, total_steps, lr_scale)
   a_tx = optim.alpha_optimizer(cfg)
   key = jax.random.key(config.seed)
   k_init, k_alpha, k_steps = jax.random.split(
@@ -73,7 +74,7 @@ def run_search_phase(config: Any, workdir: str, stage: str,
             else jax.tree.map(jnp.asarray, init_alpha))
   input_shape = objective.input_shape(
       (1, config.image_size, config.image_size, spec.channels))
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(config.num_devices)
   state = parallel.replicate(init_search_state(model, alphas, w_tx, a_tx, k_init,
                                                input_shape), mesh)
 
@@ -88,9 +89,11 @@ def run_search_phase(config: Any, workdir: str, stage: str,
                                      tau_schedule=tau_schedule), donate_argnums=0)
   writer = MetricWriter(workdir, stage)
   print(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
-        f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
-        f"({local_batch}/process, {jax.device_count()} devices) "
-        f"weight half={len(w_half)} architecture half={len(a_half)}")
+        f"steps/epoch={steps_per_epoch} weight half={len(w_half)} "
+        f"architecture half={len(a_half)}")
+  print(f"[{stage}] {parallel.describe(cfg.batch_size, config.num_devices)} per half; "
+        f"weight lr {lr_scale * cfg.w_lr:g} (w_lr={cfg.w_lr:g} x {lr_scale:g}), "
+        f"alpha lr {cfg.a_lr:g}")
   print(f"[{stage}] mode={cfg.mode} alpha warm-up={cfg.warmup_epochs} epochs "
         f"({warmup_steps} weight-only steps)" +
         (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"

@@ -34,10 +34,11 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
         data: Any, cfg: Any) -> tuple[TrainState, Any]:
   """Trains `model` on `data` with the cfg recipe; resumes from checkpoints."""
   spec = get_dataset(config.dataset)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(config.num_devices)
   steps_per_epoch = pipeline.steps_per_epoch(len(data), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
-  tx = optim.train_optimizer(cfg, steps_per_epoch)
+  lr_scale = parallel.lr_scale(cfg.batch_size, config.lr_reference_batch)
+  tx = optim.train_optimizer(cfg, steps_per_epoch, lr_scale)
   it = pipeline.train_iterator(
       data, batch_size=parallel.process_batch_size(cfg.batch_size),
       image_size=config.image_size, mean=spec.mean, std=spec.std,
@@ -57,8 +58,8 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
   step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
   writer = MetricWriter(workdir, stage)
   print(f"[{stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
-        f"steps/epoch={steps_per_epoch} global batch={cfg.batch_size} "
-        f"lr={cfg.lr} on {jax.device_count()} devices")
+        f"steps/epoch={steps_per_epoch}; {parallel.describe(cfg.batch_size, config.num_devices)}; "
+        f"peak lr {lr_scale * cfg.lr:g} (lr={cfg.lr:g} x {lr_scale:g})")
   if start_epoch < cfg.epochs:
     step_fn = compile_step(step_fn, stage, state, parallel.shard_batch(peek(it), mesh),
                            k_steps)
@@ -96,7 +97,7 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
   for logits, labels, mask in evaluate.predict(
       _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
       image_size=config.image_size, mean=spec.mean, std=spec.std,
-      mesh=parallel.make_mesh()):
+      mesh=parallel.make_mesh(config.num_devices)):
     c, n = evaluate.top1_accuracy(logits, labels, mask)
     correct, total = correct + c, total + n
   top1 = correct / total
@@ -126,7 +127,7 @@ def run_retrieval(config: Any, workdir: str, genotype: Genotype,
   for out, lab, mask in evaluate.predict(
       _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
       image_size=config.image_size, mean=spec.mean, std=spec.std,
-      mesh=parallel.make_mesh()):
+      mesh=parallel.make_mesh(config.num_devices)):
     keep = mask > 0
     embeddings.append(out["embedding"][keep])
     labels.append(lab[keep])
