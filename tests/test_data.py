@@ -237,16 +237,68 @@ def test_crop_is_a_shifted_window_of_zero_padded_image(train, digits):
   assert len(offsets) > 5
 
 
-def test_epochs_are_distinct_permutations(two_classes):
-  it = pipeline.train_iterator(two_classes, batch_size=32, image_size=8,
-                               seed=1, **NORM)
-  steps = pipeline.steps_per_epoch(len(two_classes), 32)
-  assert steps == 9
-  epochs = [np.concatenate(batch_indices(it, steps)) for _ in range(3)]
+def global_batches(ds, shard_count: int, steps: int, global_batch: int = 32,
+                   **kw) -> list[dict]:
+  """The first `steps` batches of every shard, concatenated in shard order."""
+  its = [pipeline.train_iterator(ds, shard_index=p, shard_count=shard_count,
+                                 batch_size=global_batch // shard_count, **kw)
+         for p in range(shard_count)]
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in its]
+    out.append({k: np.concatenate([b[k] for b in parts]) for k in parts[0]})
+  return out
+
+
+def test_global_batches_do_not_depend_on_shard_count(two_classes):
+  kw = dict(image_size=8, seed=3, flip=True, crop_padding=1, **NORM)
+  steps = 2 * pipeline.steps_per_epoch(len(two_classes), 32)  # Two epochs.
+  want = global_batches(two_classes, 1, steps, **kw)
+  for shard_count in (2, 4):
+    got = global_batches(two_classes, shard_count, steps, **kw)
+    for w, g in zip(want, got):
+      for key in ("image", "label", "index"):
+        assert g[key].dtype == w[key].dtype
+        np.testing.assert_array_equal(g[key], w[key])
+
+
+def test_shards_of_a_batch_are_disjoint(two_classes):
+  its = [pipeline.train_iterator(two_classes, batch_size=8, image_size=8,
+                                 seed=0, shard_index=p, shard_count=4, **NORM)
+         for p in range(4)]
+  for _ in range(18):
+    parts = [set(next(it)["index"]) for it in its]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 32
+
+
+@pytest.mark.parametrize("shard_count", [1, 2])
+def test_epochs_are_fresh_permutations_dropping_the_remainder(train,
+                                                              shard_count):
+  steps = pipeline.steps_per_epoch(len(train), 100)
+  assert steps == 14  # 1438 examples: 38 dropped per epoch.
+  batches = global_batches(train, shard_count, 3 * steps, global_batch=100,
+                           image_size=8, seed=1, **NORM)
+  epochs = [np.concatenate([b["index"] for b in batches[e * steps:
+                                                         (e + 1) * steps]])
+            for e in range(3)]
   for order in epochs:
-    assert sorted(order) == sorted(indices(two_classes))
-  assert not np.array_equal(epochs[0], epochs[1])
-  assert not np.array_equal(epochs[1], epochs[2])
+    assert len(set(order)) == len(order) == 1400
+    assert set(order) <= set(indices(train))
+  assert set(epochs[0]) != set(epochs[1]) != set(epochs[2])
+
+
+def test_each_shard_reads_only_its_own_examples(train):
+  read = []
+  spy = train.map(lambda record: read.append(record["index"]) or record)
+  kw = dict(batch_size=16, image_size=8, seed=0, shard_count=2, **NORM)
+  own, other = (np.concatenate(batch_indices(
+      pipeline.train_iterator(train, shard_index=p, **kw), 44))
+      for p in (1, 0))  # 44 steps: one epoch of 1438 // 32.
+  it = pipeline.train_iterator(spy, shard_index=1, **kw)
+  batch_indices(it, 3)
+  assert len(read) >= 48
+  assert set(read) <= set(own)
+  assert not set(read) & set(other)
 
 
 def test_seed_determines_stream(train):
@@ -258,20 +310,9 @@ def test_seed_determines_stream(train):
   assert not np.array_equal(a["index"], c["index"])
 
 
-def test_train_shards_disjoint_and_covering(two_classes):
-  seen = []
-  for shard in range(2):
-    it = pipeline.train_iterator(two_classes, batch_size=16, image_size=8,
-                                 seed=0, shard_index=shard, shard_count=2,
-                                 **NORM)
-    seen.append(np.concatenate(batch_indices(it, 9)))
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(np.concatenate(seen)) == sorted(indices(two_classes))
-
-
 def test_iterator_state_restores_bitwise(train):
-  kw = dict(batch_size=100, image_size=16, seed=2, flip=True, crop_padding=2,
-            **NORM)
+  kw = dict(batch_size=50, image_size=16, seed=2, flip=True, crop_padding=2,
+            shard_index=1, shard_count=2, **NORM)
   it = pipeline.train_iterator(train, **kw)
   for _ in range(12):  # 14 steps per epoch: the replay crosses an epoch.
     next(it)
@@ -287,22 +328,24 @@ def test_iterator_state_restores_bitwise(train):
 
 
 def test_worker_processes_match_in_process(two_classes):
-  kw = dict(batch_size=32, image_size=8, seed=0, flip=True, **NORM)
+  kw = dict(batch_size=16, image_size=8, seed=0, flip=True, shard_index=1,
+            shard_count=2, **NORM)
   local = pipeline.train_iterator(two_classes, **kw)
   remote = pipeline.train_iterator(two_classes, num_workers=2, **kw)
   try:
-    for _ in range(4):
+    for _ in range(12):  # 9 steps per epoch: crosses an epoch.
       want, got = next(local), next(remote)
-      np.testing.assert_array_equal(got["image"], want["image"])
-      np.testing.assert_array_equal(got["index"], want["index"])
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
   finally:
     remote.close()
 
 
-def test_train_shard_smaller_than_batch_rejected(two_classes):
-  with pytest.raises(ValueError, match="fewer than batch_size"):
-    pipeline.train_iterator(two_classes, batch_size=512, image_size=8, seed=0,
-                            **NORM)
+def test_dataset_smaller_than_global_batch_rejected(two_classes):
+  with pytest.raises(ValueError, match=r"288 examples are fewer than the "
+                     r"global batch \(256 x 2 shards\)"):
+    pipeline.train_iterator(two_classes, batch_size=256, image_size=8, seed=0,
+                            shard_count=2, **NORM)
 
 
 # Evaluation batches.
