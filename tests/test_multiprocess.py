@@ -1,0 +1,66 @@
+"""Multi-host data parallelism, on localhost: 2 processes of 2 CPU devices each.
+
+Both processes join through jax.distributed.initialize and run real search steps
+on the digits through the real input pipeline, each reading only its own half of
+every global batch. They must end with identical alphas, equal to those of one
+process driving 4 devices over the same global batches.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.multiprocess_search import STEPS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(out_dir, process_id: int, num_processes: int, devices: int, address: str = ""):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen(
+      [sys.executable, "-m", "tests.multiprocess_search", str(out_dir), str(process_id),
+       str(num_processes), address],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc) -> None:
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+
+
+def test_two_processes_equal_one_process_of_four_devices(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  multi.mkdir()
+  single.mkdir()
+  address = f"localhost:{_free_port()}"
+  procs = [_launch(multi, i, 2, devices=2, address=address) for i in range(2)]
+  procs.append(_launch(single, 0, 1, devices=4))
+  for proc in procs:
+    _finish(proc)
+  p0, p1 = (np.load(multi / f"process{i}.npz") for i in range(2))
+  one = np.load(single / "process0.npz")
+  assert int(p0["process_count"]) == 2 and int(p0["device_count"]) == 4
+  assert int(one["process_count"]) == 1 and int(one["device_count"]) == 4
+
+  for i in range(STEPS):
+    for half in ("w", "a"):
+      a, b, whole = p0[f"{half}_index{i}"], p1[f"{half}_index{i}"], one[f"{half}_index{i}"]
+      assert len(a) == len(b) == len(whole) // 2
+      assert not set(a.tolist()) & set(b.tolist())           # disjoint halves ...
+      np.testing.assert_array_equal(np.concatenate([a, b]), whole)  # ... of one batch
+    names = [k for k in p0.files if k.startswith(f"alphas{i}/")]
+    assert names
+    for name in names:
+      np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
+      rel = np.linalg.norm(p0[name] - one[name]) / np.linalg.norm(one[name])
+      assert rel < 1e-5, (name, rel)
+  assert not np.array_equal(p0["alphas0/stage1"], p0[f"alphas{STEPS - 1}/stage1"])

@@ -1,0 +1,97 @@
+"""Data parallelism: N devices give the 1-device run with the same global batch.
+
+Each case runs in a fresh process with 8 fake CPU devices (tests/multidevice_steps.py),
+which runs the same real steps on a 1-device and an 8-device mesh. Weights, alphas,
+batch-norm statistics, both optimizer states and every step's metrics must agree
+(float32, relative difference under 1e-5), and every device must hold the same alphas
+bit for bit. Unsynchronised batch-norm statistics or unaveraged gradients would be off
+by far more: each device sees 2 of the 16 examples.
+"""
+import collections
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.multidevice_steps import CASES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 8
+TOLERANCE = 1e-5
+
+
+def run_with_devices(module: str, *args: str, devices: int = DEVICES,
+                     timeout: int = 900) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+  a, b = a.astype(np.float64), b.astype(np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _group(name: str) -> str:
+  """'state/.params[...]' -> 'state/params'; 'metrics0/[...]' -> 'metrics0'."""
+  head, rest = name.split("/", 1)
+  return head if head != "state" else "state/" + rest.lstrip(".").split("[")[0]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def run(request, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("md") / f"{request.param}.npz")
+  run_with_devices("tests.multidevice_steps", request.param, path)
+  data = np.load(path)
+  one = {k[4:]: data[k] for k in data.files if k.startswith("one/")}
+  many = {k[5:]: data[k] for k in data.files if k.startswith("many/")}
+  return request.param, int(data["devices"]), one, many
+
+
+def test_same_leaves_and_integer_state(run):
+  _, devices, one, many = run
+  assert devices == DEVICES
+  assert one.keys() == many.keys()
+  for name, value in one.items():
+    if value.dtype.kind != "f":
+      np.testing.assert_array_equal(many[name], value, err_msg=name)
+
+
+def test_state_and_metrics_match_one_device(run):
+  """Each part of the state (params, batch_stats, alphas, each optimizer state) and
+  each step's metrics, as one vector: relative L2 difference under 1e-5."""
+  case, _, one, many = run
+  sums = collections.defaultdict(lambda: np.zeros(2))
+  for name, value in one.items():
+    if value.dtype.kind == "f" and not name.startswith("alpha_copies"):
+      a, b = many[name].astype(np.float64), value.astype(np.float64)
+      sums[_group(name)] += [np.sum((a - b) ** 2), np.sum(b ** 2)]
+  expected = {"state/params", "state/batch_stats", "metrics0", "metrics2"}
+  expected |= ({"state/opt_state"} if case == "train" else
+               {"state/alphas", "state/w_opt_state", "state/a_opt_state"})
+  assert expected <= sums.keys()
+  worst = {g: float(np.sqrt(d / n)) for g, (d, n) in sums.items()}
+  assert max(worst.values()) < TOLERANCE, worst
+
+
+def test_every_metric_and_alpha_matches_one_device(run):
+  _, _, one, many = run
+  for name, value in one.items():
+    if value.dtype.kind == "f" and (name.startswith("metrics") or "alphas" in name):
+      assert _relative(many[name], value) < TOLERANCE, name
+
+
+def test_alphas_are_identical_on_every_device(run):
+  case, _, _, many = run
+  copies = {k: v for k, v in many.items() if k.startswith("alpha_copies/")}
+  assert bool(copies) == (case != "train")  # a derived network's train step has none
+  for name, stack in copies.items():
+    assert stack.shape[0] == DEVICES
+    for copy in stack[1:]:
+      np.testing.assert_array_equal(copy, stack[0], err_msg=name)
+    np.testing.assert_array_equal(stack[0], many[f"state/.alphas['{name.split('/')[1]}']"])
