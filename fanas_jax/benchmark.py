@@ -3,6 +3,7 @@
     python -m fanas_jax.benchmark                       # ops and networks
     python -m fanas_jax.benchmark --suite=ops --json=ops.json
     python -m fanas_jax.benchmark --suite=nets --nets=cifar,search
+    python -m fanas_jax.benchmark --suite=nets,input --nets=cifar   # who limits whom
 
 The ops suite times forward+backward of every attention core at one stage shape
 (default batch 64, 28x28, 256 channels, 8 heads, bfloat16): global attention
@@ -11,11 +12,16 @@ elsewhere), each local window in both implementations, and every registered op a
 a module. Each row carries its ratio to global attention, measured in the same
 run. The nets suite times the real training step of the original genotype (CIFAR
 C=96 and ImageNet C=112) and the bilevel search step of the supernet beside one
-plain weight step of the same supernet.
+plain weight step of the same supernet. Network steps run data-parallel on a
+'data' mesh over `--devices` devices (default all), with `--net_batch` and
+`--search_batch` images per device, and report img/s per device. The input suite
+times the real input pipeline (grain over TFDS or an image folder, with
+augmentation) at the nets' global batch and resolution, so its img/s stands beside
+the steps' and the table says which one limits a run.
 
-Times are medians of `--iters` calls after `--warmup` calls, on synthetic
-in-memory inputs, so no dataset (and none of grain, TFDS or ml_collections) is
-needed. FLOPs are analytic (fanas_jax.cost, 2 per MAC, backward = 2x forward);
+Times are medians of `--iters` calls after `--warmup` calls. The ops and nets
+suites use synthetic in-memory inputs, so they need no dataset (and none of grain,
+TFDS or ml_collections). FLOPs are analytic (fanas_jax.cost, 2 per MAC, backward = 2x forward);
 MFU is given where the device's peak is known. Memory is XLA's own account of
 the compiled function (arguments + outputs + temporaries).
 """
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fanas_jax import cost, steps
+from fanas_jax import cost, parallel, steps
 from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
 from fanas_jax.model import DTYPES, make_model
 from fanas_jax.objectives import make_objective
@@ -129,34 +135,38 @@ def ops_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
   return rows
 
 
-def _synthetic_batch(batch: int, size: int, channels: int, classes: int) -> dict:
+def _synthetic_batch(batch: int, size: int, channels: int, classes: int,
+                     mesh: Any) -> dict:
+  """A global batch sharded over the mesh's 'data' axis."""
   rng = np.random.default_rng(1)
-  return {"image": jnp.asarray(rng.standard_normal((batch, size, size, channels)),
-                               jnp.float32),
-          "label": jnp.asarray(rng.integers(0, classes, batch), jnp.int32)}
+  return parallel.shard_batch(
+      {"image": rng.standard_normal((batch, size, size, channels)).astype(np.float32),
+       "label": rng.integers(0, classes, batch).astype(np.int32)}, mesh)
 
 
 def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: str,
-               classes: int, batch: int) -> dict[str, Any]:
+               classes: int, mesh: Any) -> dict[str, Any]:
   """The real training step (loss, backward, SGD) of the original genotype."""
+  batch = a.net_batch * mesh.size
   genotype = NAMED_GENOTYPES["original"]
   model = make_model(genotype.layer_ops(), width, "classifier", stem=stem,
                      dtype=DTYPES[a.dtype], attention_impl=a.impls[0],
                      num_classes=classes, dropout=0.0)
   tx = optax.sgd(0.01, momentum=0.9)
   variables = steps.init_variables(model, jax.random.key(0), (1, size, size, 3))
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
+  state = parallel.replicate(steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
   step = steps.make_train_step(model, make_objective("supervised", None), tx)
   macs = cost.network_cost(genotype.layer_ops(), width, size, stem=stem,
                            num_classes=classes).macs
-  result = measure(step, (state, _synthetic_batch(batch, size, 3, classes),
+  result = measure(step, (state, _synthetic_batch(batch, size, 3, classes, mesh),
                           jax.random.key(1)), a.iters, a.warmup)
-  return dict(name=name, kind="train step", batch=batch, macs=batch * macs, **result)
+  return dict(name=name, kind="train step", batch=batch, image_size=size,
+              devices=mesh.size, macs=batch * macs, **result)
 
 
-def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
+def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
   """One weight step of the supernet, then a bilevel search step in each mode.
 
   A first-order step is an alpha pass on the architecture batch plus a weight pass
@@ -164,17 +174,17 @@ def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
   weight step and differentiates through it; Gumbel runs one sampled op per layer.
   """
   space = SearchSpace.uniform(a.search_ops)
-  width, size, batch = a.search_width, 32, a.search_batch
+  width, size, batch = a.search_width, 32, a.search_batch * mesh.size
   objective = make_objective("car", types.SimpleNamespace(
       image_size=size, num_boxes=4, box_size=8))
   model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
                      attention_impl=a.impls[0], out_channels=3)
   alphas = steps.init_alphas(space, jax.random.key(0), 1e-3)
   w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
-  state = steps.init_search_state(model, alphas, w_tx, a_tx, jax.random.key(1),
-                                  (1, size, size, 3))
-  w_batch = _synthetic_batch(batch, size, 3, 10)
-  a_batch = _synthetic_batch(batch, size, 3, 10)
+  state = parallel.replicate(steps.init_search_state(
+      model, alphas, w_tx, a_tx, jax.random.key(1), (1, size, size, 3)), mesh)
+  w_batch = _synthetic_batch(batch, size, 3, 10, mesh)
+  a_batch = _synthetic_batch(batch, size, 3, 10, mesh)
   macs = batch * cost.network_cost(space.layer_ops(), width, size).macs
   train_state = steps.TrainState(step=state.step, params=state.params,
                                  batch_stats=state.batch_stats,
@@ -183,8 +193,9 @@ def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
   weight = measure(weight_step, (train_state, w_batch, jax.random.key(2)),
                    a.iters, a.warmup)
   ops = f"{len(a.search_ops)} ops"
-  rows = [dict(name=f"supernet weight step ({ops}, C={width}, 32x32)", kind="search",
-               batch=batch, macs=macs, **weight)]
+  common = dict(kind="search", image_size=size, devices=mesh.size)
+  rows = [dict(name=f"supernet weight step ({ops}, C={width}, 32x32)", batch=batch,
+               macs=macs, **common, **weight)]
   for mode in a.search_modes:
     tau = (lambda step: 1.0) if mode == "gumbel" else None
     step = steps.make_search_step(model, objective, w_tx, a_tx, mode, tau_schedule=tau)
@@ -193,22 +204,69 @@ def _search_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
     # Analytic MACs: the mixture's two passes; a sampled path runs about 1/n_ops.
     mode_macs = 2 * macs // (len(a.search_ops) if mode == "gumbel" else 1)
     rows.append(dict(name=f"supernet search step, {mode} ({ops}, C={width}, 32x32)",
-                     kind="search", batch=2 * batch, macs=mode_macs,
+                     batch=2 * batch, macs=mode_macs, **common,
                      vs_weight_step=result["median_ms"] / weight["median_ms"], **result))
   return rows
 
 
 def nets_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  mesh = parallel.make_mesh(a.devices)
   rows = []
   if "cifar" in a.nets:
     rows.append(_train_row("original genotype C=96, 32x32 (CIFAR)", a, 96, 32,
-                           "attention", 10, a.net_batch))
+                           "attention", 10, mesh))
   if "imagenet" in a.nets:
     rows.append(_train_row("original genotype C=112, 224x224 (ImageNet)", a, 112,
-                           224, "conv", 1000, a.net_batch))
+                           224, "conv", 1000, mesh))
   if "search" in a.nets:
-    rows += _search_rows(a)
+    rows += _search_rows(a, mesh)
   return rows
+
+
+def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  """The real training input pipeline: batches/s of `train_iterator` alone.
+
+  One row per resolution the nets suite uses (or --input_size), at the nets'
+  global batch, so each step has the pipeline's rate beside it.
+  """
+  from fanas_jax.data import pipeline  # grain and TFDS: only this suite needs them
+  from fanas_jax.data.datasets import get_dataset
+
+  spec = get_dataset(a.input_dataset)
+  data = pipeline.load_split(a.input_dataset, a.input_split)
+  sizes = a.input_sizes or sorted({224 if n == "imagenet" else 32 for n in a.nets}) or [32]
+  batch = a.net_batch * parallel.mesh_size(a.devices)
+  rows = []
+  for size in sizes:
+    it = pipeline.train_iterator(
+        data, batch_size=min(batch, len(data)), image_size=size, mean=spec.mean,
+        std=spec.std, seed=0, flip=True, crop_padding=size // 8,
+        num_workers=a.input_workers)
+    for _ in range(a.warmup + 1):
+      next(it)
+    times = []
+    for _ in range(a.iters):
+      t0 = time.perf_counter()
+      next(it)
+      times.append(time.perf_counter() - t0)
+    rows.append(dict(
+        name=f"input pipeline {a.input_dataset} {size}x{size}, {a.input_workers} workers",
+        kind="input", batch=min(batch, len(data)), image_size=size, macs=0,
+        devices=parallel.mesh_size(a.devices),
+        median_ms=1e3 * float(np.median(times)),
+        p10_ms=1e3 * float(np.percentile(times, 10)),
+        p90_ms=1e3 * float(np.percentile(times, 90)), compile_s=0.0, memory_mib=None))
+  return rows
+
+
+def _input_limits(rows: list[dict[str, Any]]) -> None:
+  """Each step row gets the input pipeline's img/s at its resolution, and the ratio:
+  input_vs_step < 1 means the pipeline, not the step, limits a run."""
+  inputs = {r["image_size"]: r["img_per_s"] for r in rows if r["kind"] == "input"}
+  for row in rows:
+    if row["kind"] != "input" and row.get("image_size") in inputs:
+      row["input_img_per_s"] = inputs[row["image_size"]]
+      row["input_vs_step"] = row["input_img_per_s"] / row["img_per_s"]
 
 
 def _finish(rows: list[dict[str, Any]], dtype: Any) -> None:
@@ -217,22 +275,26 @@ def _finish(rows: list[dict[str, Any]], dtype: Any) -> None:
   for row in rows:
     seconds = row["median_ms"] / 1e3
     row["tflops"] = 6 * row["macs"] / seconds / 1e12
-    row["mfu"] = None if peak is None else 6 * row["macs"] / seconds / peak
+    row["mfu"] = None if peak is None else 6 * row["macs"] / seconds / peak / row.get(
+        "devices", 1)
     if "batch" in row:
       row["img_per_s"] = row["batch"] / seconds
-      row["img_per_s_per_device"] = row["img_per_s"] / jax.local_device_count()
+      row["img_per_s_per_device"] = row["img_per_s"] / row.get("devices", 1)
+  _input_limits(rows)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
   head = (f"{'benchmark':58s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
-          f"{'TFLOP/s':>8s} {'MFU':>6s} {'MiB':>8s} {'compile s':>9s}")
+          f"{'img/s/dev':>9s} {'input/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'MiB':>8s} {'compile s':>9s}")
   lines = [head, "-" * len(head)]
   for r in rows:
     ratio = r.get("vs_global", r.get("vs_weight_step"))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines.append(
         f"{r['name']:58s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
-        f"{fmt(r.get('img_per_s'), '9.1f')} {r['tflops']:8.3f} "
+        f"{fmt(r.get('img_per_s'), '9.1f')} {fmt(r.get('img_per_s_per_device'), '9.1f')} "
+        f"{fmt(r.get('input_vs_step'), '10.2f')} {r['tflops']:8.3f} "
         f"{fmt(r['mfu'], '6.1%')} {fmt(r['memory_mib'], '8.1f')} {r['compile_s']:9.1f}")
   return "\n".join(lines)
 
@@ -240,7 +302,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--suite", default="ops,nets", help="ops, nets or both (comma list)")
+  p.add_argument("--suite", default="ops,nets", help="ops, nets, input (comma list)")
+  p.add_argument("--devices", type=int, default=0,
+                 help="data-parallel devices for the nets suite (0: all)")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--size", type=int, default=28, help="map side of the ops suite")
   p.add_argument("--channels", type=int, default=256)
@@ -253,12 +317,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="registered ops to time as modules ('' for none)")
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
   p.add_argument("--nets", default=",".join(NETS))
-  p.add_argument("--net_batch", type=int, default=64)
+  p.add_argument("--net_batch", type=int, default=64, help="train images per device")
   p.add_argument("--search_width", type=int, default=16)
-  p.add_argument("--search_batch", type=int, default=32)
+  p.add_argument("--search_batch", type=int, default=32,
+                 help="images per device in each half of a search step")
   p.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
   p.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
                  help="the supernet's candidates (fewer compile faster on CPU)")
+  p.add_argument("--input_dataset", default="sklearn_digits",
+                 help="input suite: a registered dataset or folder:/path")
+  p.add_argument("--input_split", default="train")
+  p.add_argument("--input_sizes", default="",
+                 help="input suite resolutions (default: those of --nets)")
+  p.add_argument("--input_workers", type=int, default=0,
+                 help="grain worker processes of the input suite")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--json", default="", help="also write the results here")
@@ -268,8 +340,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       split(x) for x in (a.suite, a.impls, a.nets, a.modules, a.search_modes,
                          a.search_ops))
   problems = []
-  if set(a.suite) - {"ops", "nets"}:
-    problems.append(f"--suite takes ops and/or nets, got {a.suite}")
+  if not a.suite or set(a.suite) - {"ops", "nets", "input"}:
+    problems.append(f"--suite takes ops, nets and/or input, got {a.suite}")
+  try:
+    a.input_sizes = [int(x) for x in split(a.input_sizes)]
+  except ValueError:
+    problems.append(f"--input_sizes takes integers, got {a.input_sizes!r}")
+  if a.devices < 0 or a.devices > jax.device_count():
+    problems.append(f"--devices {a.devices}: {jax.device_count()} device(s) are "
+                    "present (0: all)")
+  if a.input_workers < 0:
+    problems.append("--input_workers must be non-negative")
   if not a.impls or set(a.impls) - set(IMPLEMENTATIONS):
     problems.append(f"--impls takes {', '.join(IMPLEMENTATIONS)}, got {a.impls}")
   if set(a.nets) - set(NETS):
@@ -308,12 +389,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   a = parse_args(sys.argv[1:] if argv is None else argv)
   device = jax.devices()[0]
   print(f"fanas_jax.benchmark on {jax.device_count()} x {device.device_kind} "
-        f"({device.platform}), jax {jax.__version__}, {a.dtype}", flush=True)
+        f"({device.platform}), jax {jax.__version__}, {a.dtype}; nets on "
+        f"{parallel.mesh_size(a.devices)} device(s)", flush=True)
   rows = []
   if "ops" in a.suite:
     rows += ops_suite(a)
   if "nets" in a.suite:
     rows += nets_suite(a)
+  if "input" in a.suite:
+    rows += input_suite(a)
   _finish(rows, DTYPES[a.dtype])
   print(table(rows))
   result = {"device": device.device_kind, "platform": device.platform,

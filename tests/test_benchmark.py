@@ -24,6 +24,8 @@ def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--impls=gather"], "--impls takes blocked, scan"),
+    (["--suite=io"], "--suite takes ops, nets and/or input"),
+    (["--devices=99"], "--devices 99"),
     (["--windows=4"], "--windows takes odd integers"),
     (["--modules=conv3"], "unknown ops ['conv3']"),
     (["--search_modes=third_order"], "--search_modes takes"),
@@ -34,3 +36,27 @@ def test_bad_arguments_are_refused_before_compute(args, message, capsys):
     benchmark.parse_args(args)
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_input_suite_times_the_real_pipeline(tmp_path):
+  result = benchmark.main(["--suite=input", "--input_sizes=8,16", "--net_batch=16",
+                           "--iters=3", "--warmup=1", f"--json={tmp_path / 'in.json'}"])
+  rows = result["rows"]
+  assert [r["image_size"] for r in rows] == [8, 16]
+  for row in rows:
+    assert row["kind"] == "input" and row["batch"] == 16 * result["devices"]
+    assert row["median_ms"] > 0 and row["img_per_s"] == pytest.approx(
+        row["batch"] / (row["median_ms"] / 1e3))
+
+
+def test_each_step_gets_the_input_rate_at_its_resolution():
+  rows = [dict(name="step", kind="train step", batch=64, devices=2, image_size=32,
+               macs=1, median_ms=100.0),
+          dict(name="input", kind="input", batch=64, devices=2, image_size=32, macs=0,
+               median_ms=400.0),
+          dict(name="other", kind="train step", batch=64, devices=2, image_size=224,
+               macs=1, median_ms=100.0)]
+  benchmark._finish(rows, "float32")
+  assert rows[0]["img_per_s"] == 640 and rows[0]["img_per_s_per_device"] == 320
+  assert rows[0]["input_img_per_s"] == 160 and rows[0]["input_vs_step"] == 0.25
+  assert "input_vs_step" not in rows[2]     # no pipeline row at 224x224
