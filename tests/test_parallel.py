@@ -95,3 +95,18 @@ def test_alphas_are_identical_on_every_device(run):
     for copy in stack[1:]:
       np.testing.assert_array_equal(copy, stack[0], err_msg=name)
     np.testing.assert_array_equal(stack[0], many[f"state/.alphas['{name.split('/')[1]}']"])
+
+
+@pytest.mark.parametrize("eval_batch", [16, 40])
+def test_padded_evaluation_equals_a_numpy_loop(tmp_path, eval_batch):
+  """359 test digits, a global batch that does not divide them, 8 devices: top-1 and
+  Recall@K equal a one-example-at-a-time numpy loop exactly."""
+  path = str(tmp_path / "eval.npz")
+  run_with_devices("tests.multidevice_eval", str(eval_batch), path)
+  d = np.load(path)
+  assert int(d["devices"]) == DEVICES and int(d["loop_total"]) == 359
+  assert 359 % eval_batch
+  assert len(np.unique(d["loop_predictions"])) > 3     # the predictions vary
+  assert int(d["total"]) == 359
+  assert int(d["correct"]) == int(d["loop_correct"])
+  np.testing.assert_array_equal(d["recall"], d["loop_recall"])
