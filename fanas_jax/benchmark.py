@@ -50,6 +50,7 @@ from fanas_jax.ops.attention import IMPLEMENTATIONS, default_backend
 PEAK_FLOPS_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
                     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
 NETS = ("cifar", "imagenet", "search")
+INPUT_MIN_BATCHES = 50
 
 
 def _peak_flops(dtype: Any) -> float | None:
@@ -226,8 +227,9 @@ def nets_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
 def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
   """The real training input pipeline: batches/s of `train_iterator` alone.
 
-  One row per resolution the nets suite uses (or --input_size), at the nets'
-  global batch, so each step has the pipeline's rate beside it.
+  One row per resolution the nets suite uses (or --input_sizes), at the nets'
+  global batch, so each step has the pipeline's rate beside it. Its 'median_ms'
+  is the mean time per batch over at least INPUT_MIN_BATCHES batches.
   """
   from fanas_jax.data import pipeline  # grain and TFDS: only this suite needs them
   from fanas_jax.data.datasets import get_dataset
@@ -242,10 +244,15 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
         data, batch_size=min(batch, len(data)), image_size=size, mean=spec.mean,
         std=spec.std, seed=0, flip=True, crop_padding=size // 8,
         num_workers=a.input_workers)
-    for _ in range(a.warmup + 1):
+    # Drain what the read threads prefetched while the iterator started, so the
+    # times are the pipeline's steady rate, not its buffer's.
+    for _ in range(a.warmup + 2 * pipeline.PREFETCH_BATCHES):
       next(it)
+    # Throughput is the mean over many batches: a median of single next() calls
+    # would count batches the workers had buffered as free.
+    count = max(a.iters, INPUT_MIN_BATCHES)
     times = []
-    for _ in range(a.iters):
+    for _ in range(count):
       t0 = time.perf_counter()
       next(it)
       times.append(time.perf_counter() - t0)
@@ -253,7 +260,7 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
         name=f"input pipeline {a.input_dataset} {size}x{size}, {a.input_workers} workers",
         kind="input", batch=min(batch, len(data)), image_size=size, macs=0,
         devices=parallel.mesh_size(a.devices),
-        median_ms=1e3 * float(np.median(times)),
+        median_ms=1e3 * float(np.mean(times)),
         p10_ms=1e3 * float(np.percentile(times, 10)),
         p90_ms=1e3 * float(np.percentile(times, 90)), compile_s=0.0, memory_mib=None))
   return rows

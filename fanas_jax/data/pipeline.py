@@ -36,7 +36,7 @@ BAD_EXAMPLE_POLICIES = ("raise", "skip")
 # Elements of the thread prefetch are whole batches: a few suffice to overlap
 # host preprocessing with the device step.
 _READ_THREADS = 4
-_PREFETCH_BATCHES = 8
+PREFETCH_BATCHES = 8
 
 _log = logging.getLogger(__name__)
 _skipped_lock = threading.Lock()
@@ -65,7 +65,7 @@ def _note_skipped(error: BadExampleError) -> None:
 
 def _read_options() -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=_READ_THREADS,
-                           prefetch_buffer_size=_PREFETCH_BATCHES)
+                           prefetch_buffer_size=PREFETCH_BATCHES)
 
 
 @dataclasses.dataclass(frozen=True)
