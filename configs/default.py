@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.dataset = "sklearn_digits"
   c.data_dir = ""             # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  # Or dataset = "folder:/path/ROOT" for images in ROOT/SPLIT/CLASS/*.jpg|png|...
+  c.bad_examples = "raise"    # an undecodable/misshapen/mislabelled example: 'raise' or
+                              # 'skip' (train: next good example; eval: masked out)
   c.image_size = 32
   c.stages = STAGES
   c.eval_batch_size = 256
@@ -85,5 +88,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
       warmup_epochs=5, warmup_from=0.3, lr_min=1e-4,
       dropout=0.0, crop_padding=4, flip=True,
+  ))
+  # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
+  # of the same command resumes from the newest one that restores.
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=0,          # also save every N steps (0: only at each epoch end)
+      keep=2,                 # the newest N checkpoints stay, older ones are deleted...
+      keep_every_epochs=0,    # ... except those at every Nth epoch end (0: none)
+      nan_policy="stop",      # non-finite loss/grad: 'stop' (error naming stage, step,
+                              # last good checkpoint) or 'rollback' (restore the last
+                              # good checkpoint, skip that batch, log it, go on)
+      max_rollbacks=3,        # rollback: stop once a stage has skipped this many batches
   ))
   return c

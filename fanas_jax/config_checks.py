@@ -11,7 +11,8 @@ import numpy as np
 from fanas_jax import parallel
 from fanas_jax.cost import require_cost_function
 from fanas_jax.cpc import grid_size
-from fanas_jax.data.datasets import DATASETS
+from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data.pipeline import BAD_EXAMPLE_POLICIES
 from fanas_jax.derive import DERIVE_RULES, budget_from_config, derive
 from fanas_jax.genotype import DeriveLimits, NAMED_GENOTYPES, search_space_from_config
 from fanas_jax.model import DTYPES
@@ -114,7 +115,7 @@ def validate(config: Any) -> None:
                       "non-negative integer (0 = learning rates as given).")
   try:
     parallel.check_mesh(config.num_devices)
-    DATASETS.get(config.dataset, key="dataset")
+    spec = get_dataset(config.dataset)  # a folder: dataset is scanned here
     STEMS.get(config.model.stem, key="model.stem")
     space = search_space_from_config(config.search.candidates)
     DERIVE_RULES.get(config.derive.rule, key="derive.rule")
@@ -126,7 +127,7 @@ def validate(config: Any) -> None:
           require_cost_function(op)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  spec = DATASETS.get(config.dataset)
+  _check_choice(config.bad_examples, BAD_EXAMPLE_POLICIES, "bad_examples")
   for key in ("max_params", "max_macs"):
     if not isinstance(config.derive[key], int) or config.derive[key] < 0:
       raise ConfigError(f"derive.{key}={config.derive[key]!r} must be a non-negative "
@@ -197,6 +198,14 @@ def validate(config: Any) -> None:
     if set(train_c) & set(test_c):
       raise ConfigError("retrieval.train_classes and retrieval.test_classes overlap: "
                         "zero-shot retrieval needs disjoint classes.")
+
+  ckpt = config.checkpoint
+  for key, least in (("every_steps", 0), ("keep", 1), ("keep_every_epochs", 0),
+                     ("max_rollbacks", 0)):
+    value = ckpt[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ConfigError(f"checkpoint.{key}={value!r} must be an integer >= {least}.")
+  _check_choice(ckpt.nan_policy, ("stop", "rollback"), "checkpoint.nan_policy")
 
 
 def _named_ops() -> set[str]:

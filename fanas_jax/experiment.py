@@ -3,7 +3,8 @@
 search_phase1 (CAR, labels unused) -> search_phase2 (supervised, alphas from phase
 1, weights re-initialised) -> derive (constrained) -> train (the derived network
 from scratch, test top-1) -> retrieval (zero-shot Recall@K on held-out classes).
-Each stage writes workdir/<stage>/ and is skipped on rerun once finished. The
+Each stage writes workdir/<stage>/ and is skipped on rerun once finished; an
+unfinished one resumes from its newest checkpoint (fanas_jax.stage.StageLoop). The
 workdir's config.json pins the config: rerunning a different config on the same
 workdir is refused rather than mixing or overwriting results.
 """
@@ -99,7 +100,13 @@ def _genotype_for_training(config: Any, workdir: str) -> Genotype:
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  """Runs the configured stages into workdir and returns their results."""
+  """Runs the configured stages into workdir and returns their results.
+
+  Raises stage.Preempted (a SystemExit with status 0) once a preempted stage has
+  saved its checkpoint, so no later stage runs; stage.NonFiniteError when a loss
+  or gradient is not finite (checkpoint.nan_policy='stop', or rollbacks used up);
+  config_checks.ConfigError for a config that cannot run.
+  """
   config_checks.validate(config)
   stages = config_checks.stages(config)
   os.makedirs(workdir, exist_ok=True)

@@ -1,6 +1,9 @@
 """Metrics to JSON lines and TensorBoard, and a progress bar with throughput and ETA.
 
-Only process 0 writes, so a multi-host run logs once.
+Only process 0 writes, so a multi-host run logs once. A stage that resumes from a
+checkpoint first rewinds its JSON lines to the records it had written when that
+checkpoint was saved (`MetricWriter.rewind`), so an interrupted and resumed run logs
+what the uninterrupted run logs.
 """
 from __future__ import annotations
 
@@ -19,10 +22,15 @@ def _scalar(v: Any) -> float:
 
 
 class MetricWriter:
-  """Appends {'stage', 'step', ...} records to workdir/metrics.jsonl + TensorBoard."""
+  """Appends {'stage', 'step', ...} records to workdir/metrics.jsonl + TensorBoard.
+
+  `records` counts this stage's records in the file (every process counts, so a
+  checkpoint can store it).
+  """
 
   def __init__(self, workdir: str, stage: str):
     self.stage = stage
+    self.records = 0
     self._enabled = jax.process_index() == 0
     self._path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -31,6 +39,7 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self.records += 1
     if not self._enabled:
       return
     record = {"stage": self.stage, "step": int(step), "time": time.time()}
@@ -42,6 +51,40 @@ class MetricWriter:
         self._tb.add_scalar(f"{self.stage}/{k}", record[k], int(step))
     with open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+  def rewind(self, records: int) -> None:
+    """Keeps this stage's first `records` records in metrics.jsonl and drops the
+    rest (written after the checkpoint being resumed); other stages' records stay.
+
+    Rewrites atomically (temp file + rename). A torn last line (a kill mid-write)
+    is dropped too. TensorBoard event files are append-only: there, steps logged
+    again after a resume appear twice.
+    """
+    self.records = records
+    if not self._enabled or not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      lines = f.readlines()
+    kept, seen, changed = [], 0, False
+    for i, line in enumerate(lines):
+      try:
+        stage = json.loads(line).get("stage")
+      except json.JSONDecodeError:
+        stage = None
+        if i == len(lines) - 1 and not line.endswith("\n"):
+          changed = True
+          continue
+      if stage == self.stage:
+        seen += 1
+        if seen > records:
+          changed = True
+          continue
+      kept.append(line)
+    if changed:
+      tmp = self._path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self._path)
 
   def close(self) -> None:
     if self._tb is not None:

@@ -11,7 +11,6 @@ the first `warmup_epochs` epochs train the weights only.
 from __future__ import annotations
 
 import os
-import time
 import zlib
 from typing import Any
 
@@ -28,8 +27,7 @@ from fanas_jax.genotype import DeriveLimits, search_space_from_config
 from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import make_model, model_options
 from fanas_jax.objectives import make_objective
-from fanas_jax.stage import (EpochCheckpoints, compile_step, peek, run_epoch, stage_dir,
-                             write_json)
+from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir, write_json
 from fanas_jax.steps import init_alphas, init_search_state, make_search_step
 
 
@@ -78,16 +76,17 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   state = parallel.replicate(init_search_state(model, alphas, w_tx, a_tx, k_init,
                                                input_shape), mesh)
 
-  ckpts = EpochCheckpoints(workdir, stage, [w_iter, a_iter])
-  state, start_epoch, extra = ckpts.restore_or(state)
-  history = extra.get("history", [])
+  writer = MetricWriter(workdir, stage)
+  loop = StageLoop(config, workdir, stage, [w_iter, a_iter], writer, steps_per_epoch,
+                   cfg.epochs, keys={"steps": k_steps})
+  state = loop.restore_or(state)
+  k_steps = loop.keys["steps"]
   warmup_steps = cfg.warmup_epochs * steps_per_epoch
   tau_schedule = (optim.gumbel_temperature(cfg, total_steps) if cfg.mode == "gumbel"
                   else None)
   step_fn = jax.jit(make_search_step(model, objective, w_tx, a_tx, cfg.mode,
                                      warmup_steps=warmup_steps,
                                      tau_schedule=tau_schedule), donate_argnums=0)
-  writer = MetricWriter(workdir, stage)
   print(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
         f"steps/epoch={steps_per_epoch} weight half={len(w_half)} "
         f"architecture half={len(a_half)}")
@@ -100,15 +99,13 @@ def run_search_phase(config: Any, workdir: str, stage: str,
          if cfg.mode == "gumbel" else ""))
   next_inputs = lambda: (parallel.shard_batch(next(w_iter), mesh),
                          parallel.shard_batch(next(a_iter), mesh), k_steps)
-  if start_epoch < cfg.epochs:
+  if not loop.finished:
     step_fn = compile_step(step_fn, stage, state,
                            parallel.shard_batch(peek(w_iter), mesh),
                            parallel.shard_batch(peek(a_iter), mesh), k_steps)
-  bar = progress(total_steps, start_epoch * steps_per_epoch, cfg.batch_size, stage)
-  for epoch in range(start_epoch, cfg.epochs):
-    t0 = time.time()
-    state, means = run_epoch(step_fn, state, next_inputs, steps_per_epoch, bar,
-                             cfg.batch_size)
+  bar = progress(total_steps, loop.position, cfg.batch_size, stage)
+
+  def end_epoch(epoch: int, state: Any, means: dict[str, float], seconds: float) -> None:
     # Warm-up spans whole epochs; there the alpha pass did not run, so its metrics
     # are placeholders and are dropped.
     alpha_updated = means["alpha_updated"] > 0
@@ -118,23 +115,32 @@ def run_search_phase(config: Any, workdir: str, stage: str,
     alphas_np = _to_numpy(state.alphas)
     genotype = derive(alphas_np, space, config.derive.rule, limits, budget)
     entropy = layer_entropy(alphas_np)
-    record = dict(means, epoch=epoch + 1, mode=cfg.mode,
-                  epoch_seconds=time.time() - t0,
+    record = dict(means, epoch=epoch, mode=cfg.mode, epoch_seconds=seconds,
                   mean_alpha_entropy=float(np.mean(list(entropy.values()))),
                   **_per_layer_scalars(alphas_np, entropy, space))
-    _collapse_alarm(stage, epoch + 1, entropy, alphas_np, space)
+    _collapse_alarm(stage, epoch, entropy, alphas_np, space)
     bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
                     a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
-    history.append({"epoch": epoch + 1, "w_loss": means["w_loss"], "a_loss": a_loss,
-                    "alpha_updated": alpha_updated,
-                    "alphas": {k: v.tolist() for k, v in alphas_np.items()},
-                    "entropy": {k: v.tolist() for k, v in entropy.items()},
-                    "genotype": genotype.to_dict()})
+    history = loop.carry.get("history", []) + [{
+        "epoch": epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
+        "alpha_updated": alpha_updated,
+        "alphas": {k: v.tolist() for k, v in alphas_np.items()},
+        "entropy": {k: v.tolist() for k, v in entropy.items()},
+        "genotype": genotype.to_dict()}]
+    # The best genotype so far travels in the checkpoint with the history.
+    alpha_epochs = any(h["a_loss"] is not None for h in history)
+    best = select_epoch(history, config.derive.select) if alpha_epochs else history[-1]
+    loop.carry = {"history": history, "best_epoch": best["epoch"],
+                  "best_genotype": best["genotype"]}
     writer.write(int(state.step), dict(record, genotype=genotype.to_dict()))
-    ckpts.save(int(state.step), epoch + 1, state, {"history": history})
-  bar.close()
-  ckpts.close()
-  writer.close()
+
+  try:
+    state = loop.run(step_fn, state, next_inputs, end_epoch, bar, cfg.batch_size)
+  finally:
+    bar.close()
+    loop.close()
+    writer.close()
+  history = loop.carry["history"]
 
   out_dir = stage_dir(workdir, stage)
   write_json(os.path.join(out_dir, "alpha_history.json"), history)

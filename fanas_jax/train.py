@@ -3,14 +3,16 @@
 `run_classification` trains the derived network with a classifier head and reports
 test top-1. `run_retrieval` trains it with an L2-normalised embedding head and the
 proxy-anchor loss on the training classes only, then reports Recall@K on the
-held-out classes (zero-shot retrieval).
+held-out classes (zero-shot retrieval). Both leave the trained variables in
+workdir/<stage>/final_variables.msgpack (and the last checkpoint in checkpoints/).
 """
 from __future__ import annotations
 
-import time
+import os
 import zlib
 from typing import Any
 
+from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +24,11 @@ from fanas_jax.genotype import Genotype
 from fanas_jax.logging_utils import MetricWriter, progress
 from fanas_jax.model import Model, make_model, model_options
 from fanas_jax.objectives import Objective, make_objective
-from fanas_jax.stage import EpochCheckpoints, compile_step, peek, run_epoch
+from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir, write_bytes
 from fanas_jax.steps import TrainState, init_variables, make_train_step
+
+
+FINAL_VARIABLES = "final_variables.msgpack"
 
 
 def count_params(tree: Any) -> int:
@@ -53,29 +58,51 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
 
-  ckpts = EpochCheckpoints(workdir, stage, [it])
-  state, start_epoch, _ = ckpts.restore_or(state)
-  step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
   writer = MetricWriter(workdir, stage)
+  loop = StageLoop(config, workdir, stage, [it], writer, steps_per_epoch, cfg.epochs,
+                   keys={"steps": k_steps})
+  state = loop.restore_or(state)
+  k_steps = loop.keys["steps"]
+  step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
   print(f"[{stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
         f"steps/epoch={steps_per_epoch}; {parallel.describe(cfg.batch_size, config.num_devices)}; "
         f"peak lr {lr_scale * cfg.lr:g} (lr={cfg.lr:g} x {lr_scale:g})")
-  if start_epoch < cfg.epochs:
+  if not loop.finished:
     step_fn = compile_step(step_fn, stage, state, parallel.shard_batch(peek(it), mesh),
                            k_steps)
-  bar = progress(total_steps, start_epoch * steps_per_epoch, cfg.batch_size, stage)
-  for epoch in range(start_epoch, cfg.epochs):
-    t0 = time.time()
-    state, means = run_epoch(
-        step_fn, state, lambda: (parallel.shard_batch(next(it), mesh), k_steps),
-        steps_per_epoch, bar, cfg.batch_size)
+  bar = progress(total_steps, loop.position, cfg.batch_size, stage)
+
+  def end_epoch(epoch: int, state: TrainState, means: dict[str, float],
+                seconds: float) -> None:
     bar.set_postfix(loss=f"{means['loss']:.3f}")
-    writer.write(int(state.step), dict(means, epoch=epoch + 1,
-                                       epoch_seconds=time.time() - t0))
-    ckpts.save(int(state.step), epoch + 1, state, {})
-  bar.close()
-  ckpts.close()
+    writer.write(int(state.step), dict(means, epoch=epoch, epoch_seconds=seconds))
+
+  try:
+    state = loop.run(step_fn, state, lambda: (parallel.shard_batch(next(it), mesh), k_steps),
+                     end_epoch, bar, cfg.batch_size)
+  except BaseException:
+    writer.close()
+    raise
+  finally:
+    bar.close()
+    loop.close()
   return state, writer
+
+
+def save_final_variables(workdir: str, stage: str, state: TrainState) -> str:
+  """workdir/<stage>/final_variables.msgpack: {'params', 'batch_stats'} of the trained
+  network, for `flax.serialization.msgpack_restore` (or `load_final_variables`)."""
+  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                      {"params": state.params, "batch_stats": state.batch_stats})
+  path = os.path.join(stage_dir(workdir, stage), FINAL_VARIABLES)
+  write_bytes(path, serialization.to_bytes(host))
+  return path
+
+
+def load_final_variables(workdir: str, stage: str) -> dict[str, Any]:
+  """The {'params', 'batch_stats'} that `save_final_variables` wrote, as numpy arrays."""
+  with open(os.path.join(stage_dir(workdir, stage), FINAL_VARIABLES), "rb") as f:
+    return serialization.msgpack_restore(f.read())
 
 
 def _eval_apply(model: Model):
@@ -92,6 +119,7 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
   test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None)
   state, writer = fit(config, workdir, stage, model, make_objective("supervised", cfg),
                       train_data, cfg)
+  save_final_variables(workdir, stage, state)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   correct = total = 0.0
   for logits, labels, mask in evaluate.predict(
@@ -122,6 +150,7 @@ def run_retrieval(config: Any, workdir: str, genotype: Genotype,
                                   classes=test_classes)
   state, writer = fit(config, workdir, stage, model, make_objective("proxy_anchor", cfg),
                       train_data, cfg)
+  save_final_variables(workdir, stage, state)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   embeddings, labels = [], []
   for out, lab, mask in evaluate.predict(
