@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Or dataset = "folder:/path/ROOT" for images in ROOT/SPLIT/CLASS/*.jpg|png|...
   c.bad_examples = "raise"    # an undecodable/misshapen/mislabelled example: 'raise' or
                               # 'skip' (train: next good example; eval: masked out)
+  c.data_workers = 0          # grain worker processes building training batches (0: threads)
   c.image_size = 32
   c.stages = STAGES
   c.eval_batch_size = 256

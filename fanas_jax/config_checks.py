@@ -128,6 +128,9 @@ def validate(config: Any) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _check_choice(config.bad_examples, BAD_EXAMPLE_POLICIES, "bad_examples")
+  if not isinstance(config.data_workers, int) or config.data_workers < 0:
+    raise ConfigError(f"data_workers={config.data_workers!r} must be a non-negative "
+                      "integer (0 = read threads only).")
   for key in ("max_params", "max_macs"):
     if not isinstance(config.derive[key], int) or config.derive[key] < 0:
       raise ConfigError(f"derive.{key}={config.derive[key]!r} must be a non-negative "

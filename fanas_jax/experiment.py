@@ -20,6 +20,7 @@ import numpy as np
 
 from fanas_jax import config_checks, report
 from fanas_jax.cost import network_cost
+from fanas_jax.data import pipeline
 from fanas_jax.derive import budget_from_config, derive
 from fanas_jax.genotype import (DeriveLimits, Genotype, named_genotype, plot_genotype,
                                 search_space_from_config)
@@ -149,5 +150,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       results[stage] = run_once(workdir, stage,
                                 lambda: run_retrieval(config, workdir, genotype))
     timings[stage] = time.time() - t0
+    skipped = pipeline.bad_example_count()
+    if skipped:
+      print(f"[{stage}] warning: {skipped} bad example(s) skipped so far in this process "
+            "(bad_examples='skip'); the warnings above name them.", flush=True)
   report.write_summary(config, workdir, results, timings)
   return results

@@ -11,6 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fanas_jax import config_checks, experiment, parallel
+from fanas_jax.data.pipeline import BadExampleError
+from fanas_jax.stage import NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
@@ -94,6 +96,9 @@ def main(argv):
     experiment.run(_CONFIG.value, _WORKDIR.value)
   except config_checks.ConfigError as e:
     _fail(str(e))
+  except (NonFiniteError, BadExampleError) as e:
+    print(f"fanas_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

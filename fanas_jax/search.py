@@ -50,7 +50,8 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   model = make_model(space.layer_ops(), config.model.width, objective.head,
                      **model_options(config.model), **head_cfg)
 
-  data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None)
+  data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+                             bad_examples=config.bad_examples)
   w_half, a_half = pipeline.split_halves(data, config.seed)
   steps_per_epoch = pipeline.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
@@ -58,7 +59,7 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   iterator = lambda half, seed: pipeline.train_iterator(
       half, batch_size=local_batch, image_size=config.image_size, mean=spec.mean,
       std=spec.std, seed=seed, flip=cfg.flip, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      shard_count=jax.process_count(), num_workers=config.data_workers)
   w_iter = iterator(w_half, config.seed)
   a_iter = iterator(a_half, config.seed + 1)
 

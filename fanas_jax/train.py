@@ -49,7 +49,7 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
       image_size=config.image_size, mean=spec.mean, std=spec.std,
       seed=config.seed + zlib.crc32(stage.encode()) % 1000, flip=cfg.flip,
       crop_padding=cfg.crop_padding, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      shard_count=jax.process_count(), num_workers=config.data_workers)
   key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
   k_init, k_steps = jax.random.split(key)
   shape = (1, config.image_size, config.image_size, spec.channels)
@@ -115,8 +115,10 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
   spec = get_dataset(config.dataset)
   model = make_model(genotype.layer_ops(), cfg.width, "classifier", **model_options(config.model),
                      num_classes=spec.num_classes, dropout=cfg.dropout)
-  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None)
-  test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None)
+  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+                                  bad_examples=config.bad_examples)
+  test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None,
+                                  bad_examples=config.bad_examples)
   state, writer = fit(config, workdir, stage, model, make_objective("supervised", cfg),
                       train_data, cfg)
   save_final_variables(workdir, stage, state)
@@ -145,9 +147,10 @@ def run_retrieval(config: Any, workdir: str, genotype: Genotype,
   model = make_model(genotype.layer_ops(), cfg.width, "embedding", **model_options(config.model),
                      embed_dim=cfg.embed_dim, num_proxies=len(train_classes))
   train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                                   classes=train_classes, relabel=True)
+                                   classes=train_classes, relabel=True,
+                                   bad_examples=config.bad_examples)
   test_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                                  classes=test_classes)
+                                  classes=test_classes, bad_examples=config.bad_examples)
   state, writer = fit(config, workdir, stage, model, make_objective("proxy_anchor", cfg),
                       train_data, cfg)
   save_final_variables(workdir, stage, state)

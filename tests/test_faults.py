@@ -235,7 +235,8 @@ def test_nan_loss_stops_naming_stage_step_and_last_good_checkpoint(shared, tmp_p
   cache, reference = shared
   workdir = _with_derived_genotype(str(tmp_path / "nan_stop"), reference)
   status, output = _nan_run(cache, workdir, "stop")
-  assert status != 0
+  assert status == 1
+  assert "fanas_jax: error: [train] non-finite" in output and "Traceback" not in output
   ckpt_dir = os.path.join(workdir, "train", "checkpoints")
   message = re.search(r"\[train\] non-finite (.*) at step 5 \(epoch 1\); last good "
                       r"checkpoint: (\S+) \(step 4\);", output)
