@@ -110,3 +110,58 @@ def test_padded_evaluation_equals_a_numpy_loop(tmp_path, eval_batch):
   assert int(d["total"]) == 359
   assert int(d["correct"]) == int(d["loop_correct"])
   np.testing.assert_array_equal(d["recall"], d["loop_recall"])
+
+
+# ------------------------------------------ config and launch checks (this process)
+
+
+def _quick_config(**overrides):
+  from configs import quickstart
+  config = quickstart.get_config("tiny")
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_devices=4), "num_devices=4 asks for a mesh of 4 devices, but 1 cpu device"),
+    (dict(num_devices=-1), "num_devices=-1"),
+    (dict(lr_reference_batch=-8), "lr_reference_batch=-8 must be a non-negative"),
+    (dict(data_workers=-1), "data_workers=-1 must be a non-negative"),
+])
+def test_bad_mesh_and_scaling_settings_fail_before_compute(overrides, message):
+  import jax
+  from fanas_jax.config_checks import ConfigError, validate
+  assert jax.device_count() == 1
+  with pytest.raises(ConfigError, match=message):
+    validate(_quick_config(**overrides))
+
+
+def test_linear_lr_scaling_multiplies_every_weight_learning_rate():
+  import jax.numpy as jnp
+  from fanas_jax import optim, parallel
+  config = _quick_config()
+  assert parallel.lr_scale(448, 56) == 8.0 and parallel.lr_scale(448, 0) == 1.0
+  cfg = config.train
+  base, scaled = optim.train_schedule(cfg, 10), optim.train_schedule(cfg, 10, 8.0)
+  for step in (0, 5, cfg.warmup_epochs * 10, cfg.epochs * 10):
+    assert float(scaled(jnp.asarray(step))) == pytest.approx(8 * float(base(jnp.asarray(step))))
+
+
+def test_distributed_start_is_opt_in(monkeypatch):
+  from fanas_jax import parallel
+  for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(parallel, "_tpu_host", lambda: False)
+  calls = []
+  monkeypatch.setattr(parallel.jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  assert parallel.initialize_distributed("auto") is False
+  assert parallel.initialize_distributed("off", "host:1", 2, 0) is False
+  assert calls == []
+  assert parallel.initialize_distributed("auto", "host0:1234", 2, 1) is True
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+  assert parallel.initialize_distributed("auto") is True
+  assert calls == [dict(coordinator_address="host0:1234", num_processes=2, process_id=1),
+                   dict(coordinator_address=None, num_processes=None, process_id=None)]
+  with pytest.raises(ValueError, match="distributed='maybe' is not one of: auto, on, off"):
+    parallel.initialize_distributed("maybe")
