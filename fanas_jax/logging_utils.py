@@ -81,14 +81,23 @@ class MetricWriter:
           continue
       kept.append(line)
     if changed:
-      tmp = self._path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self._path)
+      write_bytes(self._path, "".join(kept).encode())
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes atomically (temp file + rename) from process 0 only, so a kill never
+  leaves half a file and hosts never race."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 def progress(total_steps: int, initial: int, batch_size: int, desc: str) -> tqdm.tqdm:

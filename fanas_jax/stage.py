@@ -38,7 +38,7 @@ import numpy as np
 import tqdm
 
 from fanas_jax.checkpoint import StageCheckpointer
-from fanas_jax.logging_utils import MetricWriter
+from fanas_jax.logging_utils import MetricWriter, write_bytes
 
 NAN_POLICIES = ("stop", "rollback")
 
@@ -78,17 +78,6 @@ def read_result(workdir: str, stage: str) -> dict[str, Any] | None:
 def write_json(path: str, obj: Any) -> None:
   """Writes atomically (temp file + rename), so a kill never leaves half a file."""
   write_bytes(path, json.dumps(obj, indent=2).encode())
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes atomically from process 0 only."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def write_result(workdir: str, stage: str, result: dict[str, Any]) -> None:

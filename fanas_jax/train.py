@@ -21,10 +21,10 @@ from fanas_jax import evaluate, optim, parallel
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
 from fanas_jax.genotype import Genotype
-from fanas_jax.logging_utils import MetricWriter, progress
+from fanas_jax.logging_utils import MetricWriter, progress, write_bytes
 from fanas_jax.model import Model, make_model, model_options
 from fanas_jax.objectives import Objective, make_objective
-from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir, write_bytes
+from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir
 from fanas_jax.steps import TrainState, init_variables, make_train_step
 
 
