@@ -10,6 +10,12 @@ from fanas_jax.ops.layers import ORIGINAL_OPS
 STAGES = "search_phase1,search_phase2,derive,train,retrieval"
 
 
+def evals(**entries) -> ml_collections.ConfigDict:
+  """A stage's evaluations (fanas_jax/evaluators.py): NAME -> dict(type=..., split=...,
+  every_epochs=N (0: after the last epoch only), options); logged as NAME/metric."""
+  return ml_collections.ConfigDict({k: dict(v) for k, v in entries.items()})
+
+
 def search_phase(**overrides) -> ml_collections.ConfigDict:
   """DARTS optimisation settings shared by both search phases."""
   phase = ml_collections.ConfigDict(dict(
@@ -34,6 +40,7 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
           context_layers=2, context_heads=4,
           offsets=(1, 2),                  # predict z this many rows below
       )),
+      evals=evals(),          # e.g. evals.rec = dict(type='reconstruction', split='test')
   ))
   phase.update(overrides)
   return phase
@@ -80,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
       warmup_epochs=20, warmup_from=0.3, lr_min=1e-4,
       dropout=0.5, crop_padding=4, flip=True,
+      evals=evals(),          # e.g. evals.val = dict(type='top1', split='test', every_epochs=5)
   ))
   c.retrieval = ml_collections.ConfigDict(dict(
       width=96, split="train+test",
@@ -89,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
       warmup_epochs=5, warmup_from=0.3, lr_min=1e-4,
       dropout=0.0, crop_padding=4, flip=True,
+      evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))
   ))
   # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
   # of the same command resumes from the newest one that restores.

@@ -3,7 +3,8 @@
 A checkpoint holds the whole train state pytree (weights, alphas, batch-norm
 statistics, both optimizer states, step) and a JSON item with what is not an array:
 the position in the stage, the data iterators' states, the partial epoch sums, the
-alpha history, RNG keys. Saves are asynchronous; `close()` waits for pending ones.
+stage's own running values (the alpha history). Saves are asynchronous; `close()`
+waits for pending ones.
 
 Which checkpoints stay: the newest `keep`, plus every step in `keep_steps` (the
 periodic keeps), through orbax's preservation policies. A checkpoint that does not
@@ -19,8 +20,11 @@ from typing import Any, Iterable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from fanas_jax.logging_utils import note
 
 
 def _first_line(error: BaseException, limit: int = 240) -> str:
@@ -45,6 +49,13 @@ def _silence_closed_loop_reports() -> None:
 
   hook.fanas_jax_filter = True
   sys.unraisablehook = hook
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class StageCheckpointer:
@@ -93,26 +104,39 @@ class StageCheckpointer:
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """The newest checkpoint that restores, as (step, state, extra); None if none.
 
-    One that fails, or whose extra lacks a `required` key (an older format), is
-    moved aside with a warning naming it, so neither this run nor orbax trips
-    over it again, and the next older one is tried.
+    Process 0 names the step to try and every process tries it; it is used only if
+    it restored everywhere, so all processes resume from the same checkpoint. One
+    that fails, or whose extra lacks a `required` key (an older format), is moved
+    aside with a warning naming it, so neither this run nor orbax trips over it
+    again, and the next older one is tried.
     """
     self.wait()
-    for step in sorted(self.all_steps(), reverse=True):
+    while (step := self._agreed_latest()) is not None:
+      error = None
       try:
         state, extra = self.restore(step, target)
         missing = [k for k in required if k not in extra]
         if missing:
           raise ValueError(f"its extra item lacks {', '.join(missing)}: an older format")
-        return step, state, extra
       except Exception as e:  # Any failure to read it means: not usable.
-        _silence_closed_loop_reports()
-        moved = self._move_aside(step)
-        if jax.process_index() == 0:
-          print(f"[{stage}] warning: checkpoint {self.step_dir(step)} cannot be restored "
-                f"({_first_line(e)}); moved it to {moved} and trying the previous "
-                "checkpoint", flush=True)
+        error = e
+      if _everywhere(error is None):
+        return step, state, extra
+      _silence_closed_loop_reports()
+      moved = self._move_aside(step)
+      why = _first_line(error) if error else "another process could not restore it"
+      note(f"[{stage}] warning: checkpoint {self.step_dir(step)} cannot be restored "
+           f"({why}); moved it to {moved} and trying the previous checkpoint")
     return None
+
+  def _agreed_latest(self) -> int | None:
+    """Process 0's newest step, told to every process."""
+    step = self.latest_step()
+    if jax.process_count() > 1:
+      step = int(multihost_utils.broadcast_one_to_all(
+          np.int64(-1 if step is None else step)))
+      step = None if step < 0 else step
+    return step
 
   def _move_aside(self, step: int) -> str:
     source = self.step_dir(step)

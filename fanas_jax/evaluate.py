@@ -1,34 +1,32 @@
-"""Evaluation: top-1 accuracy and zero-shot retrieval Recall@K.
+"""Evaluation arithmetic: sharded prediction, top-1 accuracy, zero-shot Recall@K.
 
 Evaluation batches are padded and masked (pipeline.eval_batches), so every example
 counts exactly once whatever the batch size or the number of devices.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from fanas_jax import parallel
-from fanas_jax.data import pipeline
 
 
-def predict(apply_fn: Callable, variables: Any, ds: Any, *, batch_size: int,
-            image_size: int, mean: Sequence[float], std: Sequence[float],
-            mesh: Any) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-  """Yields (outputs, labels, mask) per batch as host numpy arrays, all processes."""
-  local = parallel.process_batch_size(batch_size)
-  batches = pipeline.eval_batches(
-      ds, batch_size=local, image_size=image_size, mean=mean, std=std,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+def predict(apply_fn: Callable, variables: Any, batches: Iterable[dict[str, np.ndarray]],
+            mesh: Any) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+  """Yields (outputs, batch) per global batch as host numpy arrays, on all processes.
+
+  `batches` are this process's padded evaluation batches (pipeline.eval_batches);
+  `apply_fn(variables, images)` runs on the mesh, and outputs and the batch (with
+  its 'label' and 'mask') are gathered from every process.
+  """
   for batch in batches:
     sharded = parallel.shard_batch(batch, mesh)
     out = apply_fn(variables, sharded["image"])
-    out, labels, mask = multihost_utils.process_allgather(
-        (out, sharded["label"], sharded["mask"]), tiled=True)
-    yield jax.tree.map(np.asarray, out), np.asarray(labels), np.asarray(mask)
+    out, sharded = multihost_utils.process_allgather((out, sharded), tiled=True)
+    yield jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, sharded)
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

@@ -16,6 +16,9 @@ from fanas_jax.ops.layers import OPS, ORIGINAL_OPS
 STAGE_KINDS = ("normal", "reduce", "normal", "reduce", "normal")
 NUM_STAGES = len(STAGE_KINDS)
 LAYERS_PER_STAGE = 3
+# Each reduce stage halves the feature map, so the network (after its stem) divides
+# the image side by this; the CAR decoder also needs the stage-2 map to be >= 2x2.
+NETWORK_REDUCTION = 2 ** STAGE_KINDS.count("reduce")
 
 
 def stage_name(stage: int) -> str:
@@ -135,81 +138,6 @@ NAMED_GENOTYPES: dict[str, Genotype] = {
         ("nonlocal", "local3_h8", "local3_h4"),
     )),
 }
-
-
-def op_family(op: str) -> str:
-  """What a figure colours an op by: its window, global, or its name without heads."""
-  spec = OPS.get(op, key="genotype")
-  if spec.is_global:
-    return "global"
-  if spec.window:
-    return f"local {spec.window}x{spec.window}"
-  return op.split("_h")[0]
-
-
-def _family_colours() -> dict[str, Any]:
-  """One colour per family of every registered op, so figures compare across runs."""
-  import matplotlib.pyplot as plt
-
-  def order(op):
-    spec = OPS.get(op)
-    return (spec.is_global, spec.window is None, spec.window or 0, op)
-
-  families = list(dict.fromkeys(op_family(op) for op in sorted(OPS.names(), key=order)))
-  palette = plt.get_cmap("tab10").colors
-  return {family: palette[i % len(palette)] for i, family in enumerate(families)}
-
-
-def plot_genotype(genotype: Genotype, path: str, title: str = "genotype") -> None:
-  """Saves the genotype as a PNG: stages left to right, layers top to bottom.
-
-  Boxes are coloured by op family (window size, or global), so the pattern of an
-  architecture (e.g. large windows early, global attention late) shows at a glance;
-  the stride-2 layer opening each reduce stage is hatched.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib import patches
-
-  colours = _family_colours()
-  fig, ax = plt.subplots(figsize=(2.0 * NUM_STAGES, 4.2))
-  box_w, box_h = 0.8, 0.6
-  for s, ops in enumerate(genotype.stages):
-    x = s + 0.5
-    widening = 2 ** STAGE_KINDS[:s + 1].count("reduce")
-    ax.text(x, LAYERS_PER_STAGE + 0.6,
-            f"stage {s + 1}\n{STAGE_KINDS[s]}, {widening if widening > 1 else ''}C",
-            ha="center", va="center", fontsize=10, fontweight="bold")
-    for l, op in enumerate(ops):
-      y = LAYERS_PER_STAGE - l
-      stride2 = STAGE_KINDS[s] == "reduce" and l == 0
-      ax.add_patch(patches.FancyBboxPatch(
-          (x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
-          facecolor=colours[op_family(op)], edgecolor="black",
-          linewidth=1.6 if stride2 else 0.8, hatch="//" if stride2 else None))
-      ax.text(x, y, op + ("\nstride 2" if stride2 else ""), ha="center", va="center",
-              fontsize=9, bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
-                                  "alpha": 0.8, "linewidth": 0})
-      if l:
-        ax.annotate("", (x, y + box_h / 2), (x, y + 1 - box_h / 2),
-                    arrowprops={"arrowstyle": "->", "color": "0.3"})
-    if s:  # From the previous stage's last layer (y=1) to this stage's first.
-      ax.annotate("", (x - box_w / 2, LAYERS_PER_STAGE), (x - 1 + box_w / 2, 1),
-                  arrowprops={"arrowstyle": "->", "color": "0.6"})
-  used = dict.fromkeys(op_family(op) for ops in genotype.stages for op in ops)
-  handles = [patches.Patch(facecolor=colours[f], edgecolor="black", label=f)
-             for f in colours if f in used]
-  handles.append(patches.Patch(facecolor="white", edgecolor="black", hatch="//",
-                               label="stride 2 (halves the map)"))
-  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02),
-            ncol=len(handles), fontsize=8, frameon=False)
-  ax.set_xlim(0, NUM_STAGES)
-  ax.set_ylim(0.4, LAYERS_PER_STAGE + 1)
-  ax.axis("off")
-  ax.set_title(title)
-  fig.savefig(path, dpi=150, bbox_inches="tight")
-  plt.close(fig)
 
 
 def search_space_from_config(candidates: Any) -> SearchSpace:

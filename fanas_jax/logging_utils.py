@@ -1,14 +1,15 @@
-"""Metrics to JSON lines and TensorBoard, and a progress bar with throughput and ETA.
+"""Metrics to JSON lines and TensorBoard, messages, and a progress bar with ETA.
 
 Only process 0 writes, so a multi-host run logs once. A stage that resumes from a
 checkpoint first rewinds its JSON lines to the records it had written when that
-checkpoint was saved (`MetricWriter.rewind`), so an interrupted and resumed run logs
-what the uninterrupted run logs.
+checkpoint was saved (`MetricWriter.rewind`) and opens TensorBoard with that step as
+`purge_step`, so an interrupted and resumed run logs what the uninterrupted run logs.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -21,14 +22,23 @@ def _scalar(v: Any) -> float:
   return float(np.asarray(v))
 
 
+def note(message: str) -> None:
+  """The one way the trainer speaks: process 0, a line of its own above any bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+    sys.stdout.flush()
+
+
 class MetricWriter:
   """Appends {'stage', 'step', ...} records to workdir/metrics.jsonl + TensorBoard.
 
   `records` counts this stage's records in the file (every process counts, so a
-  checkpoint can store it).
+  checkpoint can store it). `purge_step`: the step a resumed stage restarts from;
+  TensorBoard drops the events it holds from that step on, so redone steps do not
+  appear twice.
   """
 
-  def __init__(self, workdir: str, stage: str):
+  def __init__(self, workdir: str, stage: str, purge_step: int | None = None):
     self.stage = stage
     self.records = 0
     self._enabled = jax.process_index() == 0
@@ -36,7 +46,8 @@ class MetricWriter:
     self._tb = None
     if self._enabled:
       from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage),
+                               purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     self.records += 1
@@ -57,8 +68,7 @@ class MetricWriter:
     rest (written after the checkpoint being resumed); other stages' records stay.
 
     Rewrites atomically (temp file + rename). A torn last line (a kill mid-write)
-    is dropped too. TensorBoard event files are append-only: there, steps logged
-    again after a resume appear twice.
+    is dropped too.
     """
     self.records = records
     if not self._enabled or not os.path.exists(self._path):

@@ -12,7 +12,8 @@ from ml_collections import config_flags
 
 from fanas_jax import config_checks, experiment, parallel
 from fanas_jax.data.pipeline import BadExampleError
-from fanas_jax.stage import NonFiniteError
+from fanas_jax.builders import Builder
+from fanas_jax.loop import NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
@@ -85,7 +86,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-def main(argv):
+def main(argv: list[str], builder: type[Builder] = Builder) -> None:
+  """The command; `builder` makes what the stages are built from (tests inject faults)."""
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
@@ -93,7 +95,7 @@ def main(argv):
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    experiment.run(_CONFIG.value, _WORKDIR.value, builder)
   except config_checks.ConfigError as e:
     _fail(str(e))
   except (NonFiniteError, BadExampleError) as e:

@@ -6,6 +6,10 @@ from typing import Any, Callable, Dict, Generic, Iterable, TypeVar
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+  """A config that cannot run; its message is the one line a user sees."""
+
+
 class Registry(Generic[T]):
   """A named mapping whose lookup errors list the valid choices.
 
@@ -31,7 +35,7 @@ class Registry(Generic[T]):
   def get(self, name: str, key: str | None = None) -> T:
     if name not in self._items:
       where = f" (config key {key})" if key else ""
-      raise ValueError(
+      raise ConfigError(
           f"Unknown {self.kind} {name!r}{where}; valid choices: "
           f"{', '.join(sorted(self._items))}.")
     return self._items[name]

@@ -1,4 +1,4 @@
-"""The bilevel DARTS-style search of SPEC.md 3 (one phase).
+"""The bilevel DARTS-style search of SPEC.md 3: the stages search_phase1 and 2.
 
 Each step first updates the architecture (alphas) on a batch from the architecture
 half of the data, then the weights on a batch from the weight half, with separate
@@ -10,8 +10,8 @@ the first `warmup_epochs` epochs train the weights only.
 """
 from __future__ import annotations
 
+import json
 import os
-import zlib
 from typing import Any
 
 import jax
@@ -19,146 +19,286 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fanas_jax import optim, parallel
-from fanas_jax.data import pipeline
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax import checks, evaluators, parallel, plots
+from fanas_jax.cpc import grid_size
 from fanas_jax.derive import budget_from_config, derive, layer_entropy, log_softmax
 from fanas_jax.genotype import DeriveLimits, search_space_from_config
-from fanas_jax.logging_utils import MetricWriter, progress
+from fanas_jax.logging_utils import note
+from fanas_jax.loop import EpochEnd, Rollback, StageRun, compile_step, peek
 from fanas_jax.model import make_model, model_options
-from fanas_jax.objectives import make_objective
-from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir, write_json
-from fanas_jax.steps import init_alphas, init_search_state, make_search_step
+from fanas_jax.objectives import OBJECTIVES, Objective, make_objective
+from fanas_jax.registry import ConfigError
+from fanas_jax.stage import Need, StageContext, register_stage, write_json
+from fanas_jax.steps import SEARCH_MODES, init_alphas, init_search_state, make_search_step
+
+SEARCH_STAGES = ("search_phase1", "search_phase2")
+SELECT_CHOICES = ("best", "last")
+# The heads a supernet can carry, and the options each takes from the dataset.
+SEARCH_HEADS = {
+    "car_decoder": lambda spec, objective: dict(out_channels=spec.channels),
+    "cpc": lambda spec, objective: dict(objective.head_config),
+    "classifier": lambda spec, objective: dict(num_classes=spec.num_classes, dropout=0.0),
+}
 
 
 def _to_numpy(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def run_search_phase(config: Any, workdir: str, stage: str,
-                     init_alpha: dict[str, np.ndarray] | None) -> dict[str, Any]:
-  """Runs one search phase into workdir/<stage>/ and returns its result record."""
-  cfg = config[stage]
-  spec = get_dataset(config.dataset)
+def _alpha_need(config: Any, stage: str) -> list[Need]:
+  source = config[stage].init_alpha_from
+  if not source:
+    return []
+  return [Need("alphas", (source,), f"{stage}.init_alpha_from={source!r}",
+               f", or set {stage}.init_alpha_from=''")]
+
+
+def _objective_config(config: Any, cfg: Any, spec: Any) -> Any:
+  return ml_collections.ConfigDict(dict(
+      image_size=config.image_size, num_boxes=cfg.get("num_boxes", 4),
+      box_size=cfg.get("box_size", 8), num_classes=spec.num_classes,
+      cpc=cfg.get("cpc")))
+
+
+def _supernet(ctx: StageContext) -> tuple[Any, Objective, Any]:
+  """(search space, objective, supernet model) of the phase."""
+  config, cfg, spec = ctx.config, ctx.cfg, ctx.build.spec
   space = search_space_from_config(config.search.candidates)
-  limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
-  budget = budget_from_config(config)
   objective = make_objective(cfg.objective, _objective_config(config, cfg, spec))
-  head_cfg = {"car_decoder": dict(out_channels=spec.channels),
-              "cpc": objective.head_config,
-              "classifier": dict(num_classes=spec.num_classes, dropout=0.0)}[objective.head]
   model = make_model(space.layer_ops(), config.model.width, objective.head,
-                     **model_options(config.model), **head_cfg)
+                     **model_options(config.model),
+                     **SEARCH_HEADS[objective.head](spec, objective))
+  return space, objective, model
 
-  data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                             bad_examples=config.bad_examples)
-  w_half, a_half = pipeline.split_halves(data, config.seed)
-  steps_per_epoch = pipeline.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
-  total_steps = cfg.epochs * steps_per_epoch
-  local_batch = parallel.process_batch_size(cfg.batch_size)
-  iterator = lambda half, seed: pipeline.train_iterator(
-      half, batch_size=local_batch, image_size=config.image_size, mean=spec.mean,
-      std=spec.std, seed=seed, flip=cfg.flip, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), num_workers=config.data_workers)
-  w_iter = iterator(w_half, config.seed)
-  a_iter = iterator(a_half, config.seed + 1)
 
-  lr_scale = parallel.lr_scale(cfg.batch_size, config.lr_reference_batch)
-  w_tx = optim.search_weight_optimizer(cfg, total_steps, lr_scale)
-  a_tx = optim.alpha_optimizer(cfg)
-  key = jax.random.key(config.seed)
-  k_init, k_alpha, k_steps = jax.random.split(
-      jax.random.fold_in(key, zlib.crc32(stage.encode())), 3)
-  alphas = (init_alphas(space, k_alpha, cfg.alpha_init_std) if init_alpha is None
-            else jax.tree.map(jnp.asarray, init_alpha))
-  input_shape = objective.input_shape(
-      (1, config.image_size, config.image_size, spec.channels))
-  mesh = parallel.make_mesh(config.num_devices)
-  state = parallel.replicate(init_search_state(model, alphas, w_tx, a_tx, k_init,
-                                               input_shape), mesh)
+def _initial_alphas(ctx: StageContext, space: Any, key: jax.Array) -> Any:
+  needs = _alpha_need(ctx.config, ctx.stage)
+  if not needs:
+    return init_alphas(space, key, ctx.cfg.alpha_init_std)
+  _, prior = ctx.source(needs[0])
+  return {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in prior["alphas"].items()}
 
-  writer = MetricWriter(workdir, stage)
-  loop = StageLoop(config, workdir, stage, [w_iter, a_iter], writer, steps_per_epoch,
-                   cfg.epochs, keys={"steps": k_steps})
-  state = loop.restore_or(state)
-  k_steps = loop.keys["steps"]
-  warmup_steps = cfg.warmup_epochs * steps_per_epoch
-  tau_schedule = (optim.gumbel_temperature(cfg, total_steps) if cfg.mode == "gumbel"
-                  else None)
-  step_fn = jax.jit(make_search_step(model, objective, w_tx, a_tx, cfg.mode,
-                                     warmup_steps=warmup_steps,
-                                     tau_schedule=tau_schedule), donate_argnums=0)
-  print(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
-        f"steps/epoch={steps_per_epoch} weight half={len(w_half)} "
-        f"architecture half={len(a_half)}")
-  print(f"[{stage}] {parallel.describe(cfg.batch_size, config.num_devices)} per half; "
-        f"weight lr {lr_scale * cfg.w_lr:g} (w_lr={cfg.w_lr:g} x {lr_scale:g}), "
-        f"alpha lr {cfg.a_lr:g}")
-  print(f"[{stage}] mode={cfg.mode} alpha warm-up={cfg.warmup_epochs} epochs "
-        f"({warmup_steps} weight-only steps)" +
-        (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"
-         if cfg.mode == "gumbel" else ""))
-  next_inputs = lambda: (parallel.shard_batch(next(w_iter), mesh),
-                         parallel.shard_batch(next(a_iter), mesh), k_steps)
-  if not loop.finished:
-    step_fn = compile_step(step_fn, stage, state,
-                           parallel.shard_batch(peek(w_iter), mesh),
-                           parallel.shard_batch(peek(a_iter), mesh), k_steps)
-  bar = progress(total_steps, loop.position, cfg.batch_size, stage)
 
-  def end_epoch(epoch: int, state: Any, means: dict[str, float], seconds: float) -> None:
-    # Warm-up spans whole epochs; there the alpha pass did not run, so its metrics
-    # are placeholders and are dropped.
-    alpha_updated = means["alpha_updated"] > 0
-    if not alpha_updated:
-      means = {k: v for k, v in means.items() if not k.startswith("a_")}
-    a_loss = means["a_loss"] if alpha_updated else None
-    alphas_np = _to_numpy(state.alphas)
-    genotype = derive(alphas_np, space, config.derive.rule, limits, budget)
-    entropy = layer_entropy(alphas_np)
-    record = dict(means, epoch=epoch, mode=cfg.mode, epoch_seconds=seconds,
-                  mean_alpha_entropy=float(np.mean(list(entropy.values()))),
-                  **_per_layer_scalars(alphas_np, entropy, space))
-    _collapse_alarm(stage, epoch, entropy, alphas_np, space)
-    bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
-                    a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
-    history = loop.carry.get("history", []) + [{
-        "epoch": epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
-        "alpha_updated": alpha_updated,
-        "alphas": {k: v.tolist() for k, v in alphas_np.items()},
-        "entropy": {k: v.tolist() for k, v in entropy.items()},
-        "genotype": genotype.to_dict()}]
-    # The best genotype so far travels in the checkpoint with the history.
-    alpha_epochs = any(h["a_loss"] is not None for h in history)
-    best = select_epoch(history, config.derive.select) if alpha_epochs else history[-1]
-    loop.carry = {"history": history, "best_epoch": best["epoch"],
-                  "best_genotype": best["genotype"]}
-    writer.write(int(state.step), dict(record, genotype=genotype.to_dict()))
+def _check_bilevel(cfg: Any, stage: str) -> None:
+  """The search step's mode, alpha warm-up and Gumbel temperatures."""
+  checks.check_choice(cfg.mode, SEARCH_MODES, f"{stage}.mode")
+  if not 0 <= cfg.warmup_epochs < cfg.epochs:
+    raise ConfigError(f"{stage}.warmup_epochs={cfg.warmup_epochs} must be in "
+                      f"0..{cfg.epochs - 1}: alpha needs at least one epoch of updates.")
+  if cfg.mode == "gumbel":
+    if not cfg.gumbel_tau_min > 0:
+      raise ConfigError(f"{stage}.gumbel_tau_min={cfg.gumbel_tau_min} must be positive.")
+    if not cfg.gumbel_tau_max >= cfg.gumbel_tau_min:
+      raise ConfigError(f"{stage}.gumbel_tau_max={cfg.gumbel_tau_max} must be at least "
+                        f"gumbel_tau_min ({cfg.gumbel_tau_min}).")
 
+
+def _check_cpc(cpc: Any, image_size: int, reduction: int, stem: str, key: str) -> None:
+  """Every patch runs through the whole network, so it obeys image_size's rule."""
+  size, stride = cpc.patch_size, cpc.patch_stride
+  if size <= 0 or size % reduction or size > image_size:
+    raise ConfigError(
+        f"{key}.patch_size={size} cannot pass through the 5-stage network with the "
+        f"{stem!r} stem: it must be a positive multiple of {reduction} no larger than "
+        f"image_size ({image_size}).")
+  if stride < 1:
+    raise ConfigError(f"{key}.patch_stride={stride} must be at least 1.")
+  rows = grid_size(image_size, size, stride)
+  offsets = tuple(cpc.offsets)
+  if not offsets or len(set(offsets)) < len(offsets) or not all(
+      0 < k < rows for k in offsets):
+    raise ConfigError(
+        f"{key}.offsets={offsets} must be distinct rows ahead in 1..{rows - 1}: "
+        f"image_size {image_size}, patch_size {size} and patch_stride {stride} give "
+        f"{rows} patch row(s).")
+  if cpc.context_layers < 1:
+    raise ConfigError(f"{key}.context_layers={cpc.context_layers} must be at least 1.")
+  if cpc.context_heads < 1 or cpc.embed_dim % cpc.context_heads:
+    raise ConfigError(f"{key}.embed_dim={cpc.embed_dim} must be divisible by "
+                      f"{key}.context_heads={cpc.context_heads} (at least 1).")
+
+
+def _search_head(config: Any, stage: str, spec: Any) -> str:
+  """The head of the phase's objective; refuses an objective no supernet can carry."""
+  cfg = config[stage]
   try:
-    state = loop.run(step_fn, state, next_inputs, end_epoch, bar, cfg.batch_size)
-  finally:
-    bar.close()
-    loop.close()
-    writer.close()
-  history = loop.carry["history"]
+    OBJECTIVES.get(cfg.objective, key=f"{stage}.objective")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  head_of = lambda name: make_objective(name, _objective_config(config, cfg, spec)).head
+  head = head_of(cfg.objective)
+  if head not in SEARCH_HEADS:
+    valid = [n for n in OBJECTIVES.names() if head_of(n) in SEARCH_HEADS]
+    raise ConfigError(f"{stage}.objective={cfg.objective!r} trains the {head} head, which "
+                      f"a search supernet does not carry; valid choices: "
+                      f"{', '.join(valid)}.")
+  return head
 
-  out_dir = stage_dir(workdir, stage)
-  write_json(os.path.join(out_dir, "alpha_history.json"), history)
+
+def check_config(config: Any, stage: str, spec: Any) -> None:
+  """A search phase's block: batch, epochs, alpha source, bilevel step, objective."""
+  cfg = config[stage]
+  checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
+  checks.check_epochs(cfg.epochs, f"{stage}.epochs")
+  if cfg.init_alpha_from and cfg.init_alpha_from not in SEARCH_STAGES:
+    raise ConfigError(f"Unknown {stage}.init_alpha_from {cfg.init_alpha_from!r}; "
+                      f"valid choices: '', {', '.join(SEARCH_STAGES)}.")
+  _check_bilevel(cfg, stage)
+  head = _search_head(config, stage, spec)
+  size = config.image_size
+  if cfg.objective == "car":
+    if not 0 < cfg.box_size <= size:
+      raise ConfigError(f"{stage}.box_size={cfg.box_size} must be in 1..image_size "
+                        f"({size}).")
+    if cfg.num_boxes < 1:
+      raise ConfigError(f"{stage}.num_boxes={cfg.num_boxes} must be at least 1.")
+  if cfg.objective == "cpc":
+    _check_cpc(cfg.cpc, size, checks.input_reduction(config), config.model.stem,
+               f"{stage}.cpc")
+  space = search_space_from_config(config.search.candidates)
+  checks.check_width(config.model.width, {op for ops in space.candidates for op in ops},
+                     "model.width")
+  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", head)
+
+
+def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> list[str]:
+  """The phase's losses and entropies, and its alpha heatmap (drawn here)."""
+  candidates = search_space_from_config(config.search.candidates).candidates
+  out_dir = os.path.join(workdir, stage)
+  with open(os.path.join(out_dir, "alpha_history.json")) as f:
+    history = json.load(f)
+  plots.plot_alpha_history(history, candidates, os.path.join(out_dir, "alpha_heatmap.png"))
+  r = result
+  return [f"## {stage}: {config[stage].objective}", "",
+          f"- architecture-half loss: {r['first_a_loss']:.4f} "
+          f"(epoch {r['first_a_epoch']}) -> {r['final_a_loss']:.4f} (last)",
+          f"- weight-half loss (last epoch): {r['final_w_loss']:.4f}",
+          f"- mean alpha entropy per layer: {r['entropy_first']:.6f} -> "
+          f"{r['entropy_last']:.6f} nats (uniform: {np.log(len(candidates[0])):.6f})",
+          f"- genotype of this phase (epoch {r['epoch']}): "
+          f"`{stage}/genotype.json`; alpha heatmap: `{stage}/alpha_heatmap.png`", ""]
+
+
+@register_stage("search_phase1", needs=_alpha_need, check_config=check_config,
+                summary=summary)
+@register_stage("search_phase2", needs=_alpha_need, check_config=check_config,
+                summary=summary)
+def run_search_phase(ctx: StageContext) -> dict[str, Any]:
+  """Runs one search phase into workdir/<stage>/ and returns its result record."""
+  build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
+  space, objective, model = _supernet(ctx)
+  w_half, a_half = build.split_halves(build.load_split(cfg.split))
+  steps_per_epoch = build.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
+  total_steps = cfg.epochs * steps_per_epoch
+  w_iter = build.train_iterator(w_half, cfg, ctx.config.seed)
+  a_iter = build.train_iterator(a_half, cfg, ctx.config.seed + 1)
+  w_tx, a_tx = build.search_optimizers(cfg, total_steps)
+  k_init, k_alpha, k_steps = jax.random.split(build.stage_key(stage), 3)
+  input_shape = objective.input_shape(
+      (1, ctx.config.image_size, ctx.config.image_size, build.spec.channels))
+  state = build.replicate(init_search_state(
+      model, _initial_alphas(ctx, space, k_alpha), w_tx, a_tx, k_init, input_shape))
+  warmup_steps = cfg.warmup_epochs * steps_per_epoch
+  step_fn = jax.jit(make_search_step(
+      model, objective, w_tx, a_tx, cfg.mode, warmup_steps=warmup_steps,
+      tau_schedule=build.gumbel_temperature(cfg, total_steps)), donate_argnums=0)
+  _describe(ctx, steps_per_epoch, len(w_half), len(a_half), warmup_steps)
+  evals, infer = evaluators.Evals(cfg.get("evals"), build), _infer(model)
+  net = lambda state: evaluators.Net(infer, state, build.mesh, objective.head, objective)
+  inputs = lambda: (build.shard(next(w_iter)), build.shard(next(a_iter)), k_steps)
+
+  with build.stage_run(stage, [w_iter, a_iter], steps_per_epoch, cfg.epochs,
+                       cfg.batch_size) as run:
+    state = run.start(state)
+    if not run.finished:
+      step_fn = compile_step(step_fn, stage, state, build.shard(peek(w_iter)),
+                             build.shard(peek(a_iter)), k_steps)
+    while not run.finished:
+      try:
+        state = run.step(step_fn, state, inputs())
+        if run.loop.epoch_ended:
+          end = run.end_epoch()
+          _end_epoch(ctx, run, state, end, space)
+          evaluators.log(run, int(state.step), evals.run_due(net(state), end.epoch,
+                                                             cfg.epochs))
+        run.checkpoint(state)
+      except Rollback as bad:
+        state = run.roll_back(bad)
+  return _finish(ctx, run.carry["history"])
+
+
+def _infer(model: Any) -> Any:
+  """The supernet at inference on a SearchState, for the evaluators."""
+  return jax.jit(lambda state, x: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, x, alphas=state.alphas,
+      train=False))
+
+
+def _describe(ctx: StageContext, steps_per_epoch: int, w_examples: int, a_examples: int,
+              warmup_steps: int) -> None:
+  cfg, stage = ctx.cfg, ctx.stage
+  lr_scale = ctx.build.lr_scale(cfg)
+  note(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
+       f"steps/epoch={steps_per_epoch} weight half={w_examples} "
+       f"architecture half={a_examples}")
+  note(f"[{stage}] {parallel.describe(cfg.batch_size, ctx.config.num_devices)} per half; "
+       f"weight lr {lr_scale * cfg.w_lr:g} (w_lr={cfg.w_lr:g} x {lr_scale:g}), "
+       f"alpha lr {cfg.a_lr:g}")
+  note(f"[{stage}] mode={cfg.mode} alpha warm-up={cfg.warmup_epochs} epochs "
+       f"({warmup_steps} weight-only steps)" +
+       (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"
+        if cfg.mode == "gumbel" else ""))
+
+
+def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
+               space: Any) -> None:
+  """Writes the epoch's record and appends it to the alpha history (`run.carry`)."""
+  config, stage = ctx.config, ctx.stage
+  # Warm-up spans whole epochs; there the alpha pass did not run, so its metrics
+  # are placeholders and are dropped.
+  means = end.means
+  alpha_updated = means["alpha_updated"] > 0
+  if not alpha_updated:
+    means = {k: v for k, v in means.items() if not k.startswith("a_")}
+  a_loss = means["a_loss"] if alpha_updated else None
+  alphas = _to_numpy(state.alphas)
+  genotype = derive(alphas, space, config.derive.rule,
+                    DeriveLimits(config.derive.max_window7, config.derive.max_global),
+                    budget_from_config(config)).to_dict()
+  entropy = layer_entropy(alphas)
+  _collapse_alarm(stage, end.epoch, entropy, alphas, space)
+  run.bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
+                      a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
+  run.carry = {"history": run.carry.get("history", []) + [{
+      "epoch": end.epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
+      "alpha_updated": alpha_updated,
+      "alphas": {k: v.tolist() for k, v in alphas.items()},
+      "entropy": {k: v.tolist() for k, v in entropy.items()},
+      "genotype": genotype}]}
+  run.writer.write(int(state.step), dict(
+      means, epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds,
+      mean_alpha_entropy=float(np.mean(list(entropy.values()))),
+      **_per_layer_scalars(alphas, entropy, space), genotype=genotype))
+
+
+def _finish(ctx: StageContext, history: list[dict[str, Any]]) -> dict[str, Any]:
+  """Writes alpha_history.json and genotype.json; returns the phase's result."""
+  config = ctx.config
+  write_json(os.path.join(ctx.out_dir, "alpha_history.json"), history)
   chosen = select_epoch(history, config.derive.select)
   first_alpha_epoch = next(h for h in history if h.get("alpha_updated", True))
-  genotype = derive(chosen["alphas"], space, config.derive.rule, limits, budget)
-  write_json(os.path.join(out_dir, "genotype.json"),
-             {"genotype": genotype.to_dict(), "epoch": chosen["epoch"],
+  write_json(os.path.join(ctx.out_dir, "genotype.json"),
+             {"genotype": chosen["genotype"], "epoch": chosen["epoch"],
               "select": config.derive.select, "rule": config.derive.rule,
               "alphas": chosen["alphas"]})
-  return {"genotype": genotype.to_dict(), "alphas": chosen["alphas"],
+  mean_entropy = lambda h: float(np.mean([np.mean(v) for v in h["entropy"].values()]))
+  return {"genotype": chosen["genotype"], "alphas": chosen["alphas"],
           "epoch": chosen["epoch"], "final_alphas": history[-1]["alphas"],
           "final_w_loss": history[-1]["w_loss"], "final_a_loss": history[-1]["a_loss"],
           "first_a_loss": first_alpha_epoch["a_loss"],
           "first_a_epoch": first_alpha_epoch["epoch"],
-          "entropy_first": float(np.mean([np.mean(v) for v in history[0]["entropy"].values()])),
-          "entropy_last": float(np.mean([np.mean(v) for v in history[-1]["entropy"].values()]))}
+          "entropy_first": mean_entropy(history[0]),
+          "entropy_last": mean_entropy(history[-1])}
 
 
 def _per_layer_scalars(alphas: dict[str, np.ndarray], entropy: dict[str, np.ndarray],
@@ -189,8 +329,8 @@ def _collapse_alarm(stage: str, epoch: int, entropy: dict[str, np.ndarray],
     for l, h in enumerate(entropy[name]):
       if len(ops) > 1 and h < COLLAPSE_FRACTION * uniform:
         top = ops[int(np.argmax(alphas[name][l]))]
-        print(f"[{stage}] epoch {epoch}: {name} layer {l + 1} has collapsed onto {top} "
-              f"(entropy {h:.3f} nats, uniform {uniform:.3f})", flush=True)
+        note(f"[{stage}] epoch {epoch}: {name} layer {l + 1} has collapsed onto {top} "
+             f"(entropy {h:.3f} nats, uniform {uniform:.3f})")
 
 
 def select_epoch(history: list[dict[str, Any]], select: str) -> dict[str, Any]:
@@ -200,11 +340,5 @@ def select_epoch(history: list[dict[str, Any]], select: str) -> dict[str, Any]:
     return history[-1]
   if select == "best":
     return min((h for h in history if h["a_loss"] is not None), key=lambda h: h["a_loss"])
-  raise ValueError(f"Unknown derive.select {select!r}; valid choices: best, last.")
-
-
-def _objective_config(config: Any, cfg: Any, spec: Any) -> Any:
-  return ml_collections.ConfigDict(dict(
-      image_size=config.image_size, num_boxes=cfg.get("num_boxes", 4),
-      box_size=cfg.get("box_size", 8), num_classes=spec.num_classes,
-      cpc=cfg.get("cpc")))
+  raise ValueError(f"Unknown derive.select {select!r}; valid choices: "
+                   f"{', '.join(SELECT_CHOICES)}.")

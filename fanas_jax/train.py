@@ -1,92 +1,103 @@
-"""Training a derived (discrete) network from scratch, and evaluating it.
+"""Training a derived (discrete) network from scratch, and evaluating it: the stages
+train and retrieval.
 
-`run_classification` trains the derived network with a classifier head and reports
-test top-1. `run_retrieval` trains it with an L2-normalised embedding head and the
-proxy-anchor loss on the training classes only, then reports Recall@K on the
-held-out classes (zero-shot retrieval). Both leave the trained variables in
-workdir/<stage>/final_variables.msgpack (and the last checkpoint in checkpoints/).
+`train` trains the derived network with a classifier head and reports test top-1.
+`retrieval` trains it with an L2-normalised embedding head and the proxy-anchor
+loss on the training classes only, then reports Recall@K on the held-out classes
+(zero-shot retrieval). Both leave the trained variables in
+workdir/<stage>/final_variables.msgpack (and the last checkpoint in checkpoints/),
+and run the evaluations their `evals` config names after the epochs it asks for.
 """
 from __future__ import annotations
 
 import os
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax import evaluate, optim, parallel
-from fanas_jax.data import pipeline
-from fanas_jax.data.datasets import get_dataset
-from fanas_jax.genotype import Genotype
-from fanas_jax.logging_utils import MetricWriter, progress, write_bytes
+from fanas_jax import checks, evaluators, parallel
+from fanas_jax.genotype import NAMED_GENOTYPES, Genotype, named_genotype, search_space_from_config
+from fanas_jax.logging_utils import note, write_bytes
+from fanas_jax.loop import Rollback, StageRun, compile_step, peek
 from fanas_jax.model import Model, make_model, model_options
 from fanas_jax.objectives import Objective, make_objective
-from fanas_jax.stage import StageLoop, compile_step, peek, stage_dir
+from fanas_jax.ops.layers import OPS
+from fanas_jax.registry import ConfigError
+from fanas_jax.stage import Need, StageContext, register_stage, stage_dir
 from fanas_jax.steps import TrainState, init_variables, make_train_step
 
-
 FINAL_VARIABLES = "final_variables.msgpack"
+HEADS = {"train": "classifier", "retrieval": "embedding"}
 
 
 def count_params(tree: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objective,
-        data: Any, cfg: Any) -> tuple[TrainState, Any]:
-  """Trains `model` on `data` with the cfg recipe; resumes from checkpoints."""
-  spec = get_dataset(config.dataset)
-  mesh = parallel.make_mesh(config.num_devices)
-  steps_per_epoch = pipeline.steps_per_epoch(len(data), cfg.batch_size)
-  total_steps = cfg.epochs * steps_per_epoch
-  lr_scale = parallel.lr_scale(cfg.batch_size, config.lr_reference_batch)
-  tx = optim.train_optimizer(cfg, steps_per_epoch, lr_scale)
-  it = pipeline.train_iterator(
-      data, batch_size=parallel.process_batch_size(cfg.batch_size),
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
-      seed=config.seed + zlib.crc32(stage.encode()) % 1000, flip=cfg.flip,
-      crop_padding=cfg.crop_padding, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), num_workers=config.data_workers)
-  key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
-  k_init, k_steps = jax.random.split(key)
-  shape = (1, config.image_size, config.image_size, spec.channels)
-  variables = init_variables(model, k_init, shape)
-  state = parallel.replicate(TrainState(
+def _net(model: Model, objective: Objective, mesh: Any) -> Callable[[TrainState], Any]:
+  """state -> the trained network at inference, for the evaluators."""
+  infer = jax.jit(lambda state, x: model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats}, x, train=False))
+  return lambda state: evaluators.Net(infer, state, mesh, objective.head, objective)
+
+
+def _init_state(ctx: StageContext, model: Model, tx: Any, key: jax.Array) -> TrainState:
+  shape = (1, ctx.config.image_size, ctx.config.image_size, ctx.build.spec.channels)
+  variables = init_variables(model, key, shape)
+  return ctx.build.replicate(TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
 
-  writer = MetricWriter(workdir, stage)
-  loop = StageLoop(config, workdir, stage, [it], writer, steps_per_epoch, cfg.epochs,
-                   keys={"steps": k_steps})
-  state = loop.restore_or(state)
-  k_steps = loop.keys["steps"]
+
+def fit(ctx: StageContext, model: Model, objective: Objective, data: Any,
+        final: Callable[[evaluators.Net], dict[str, float]]
+        ) -> tuple[TrainState, dict[str, float]]:
+  """Trains `model` on `data` with the stage's recipe (resuming from checkpoints),
+  then logs and returns `final(net)`, the stage's closing evaluation."""
+  build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
+  steps_per_epoch = build.steps_per_epoch(len(data), cfg.batch_size)
+  tx = build.train_optimizer(cfg, steps_per_epoch)
+  it = build.train_iterator(data, cfg, ctx.config.seed + zlib.crc32(stage.encode()) % 1000)
+  k_init, k_steps = jax.random.split(build.stage_key(stage))
+  state = _init_state(ctx, model, tx, k_init)
   step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
-  print(f"[{stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
-        f"steps/epoch={steps_per_epoch}; {parallel.describe(cfg.batch_size, config.num_devices)}; "
-        f"peak lr {lr_scale * cfg.lr:g} (lr={cfg.lr:g} x {lr_scale:g})")
-  if not loop.finished:
-    step_fn = compile_step(step_fn, stage, state, parallel.shard_batch(peek(it), mesh),
-                           k_steps)
-  bar = progress(total_steps, loop.position, cfg.batch_size, stage)
+  net = _net(model, objective, build.mesh)
+  evals = evaluators.Evals(cfg.get("evals"), build)
 
-  def end_epoch(epoch: int, state: TrainState, means: dict[str, float],
-                seconds: float) -> None:
-    bar.set_postfix(loss=f"{means['loss']:.3f}")
-    writer.write(int(state.step), dict(means, epoch=epoch, epoch_seconds=seconds))
+  with build.stage_run(stage, [it], steps_per_epoch, cfg.epochs, cfg.batch_size) as run:
+    state = run.start(state)
+    _describe(ctx, state, steps_per_epoch)
+    if not run.finished:
+      step_fn = compile_step(step_fn, stage, state, build.shard(peek(it)), k_steps)
+    while not run.finished:
+      try:
+        state = run.step(step_fn, state, (build.shard(next(it)), k_steps))
+        if run.loop.epoch_ended:
+          end = run.end_epoch()
+          run.bar.set_postfix(loss=f"{end.means['loss']:.3f}")
+          run.writer.write(int(state.step), dict(end.means, epoch=end.epoch,
+                                                 epoch_seconds=end.seconds))
+          evaluators.log(run, int(state.step), evals.run_due(net(state), end.epoch,
+                                                             cfg.epochs))
+        run.checkpoint(state)
+      except Rollback as bad:
+        state = run.roll_back(bad)
+    save_final_variables(ctx.workdir, stage, state)
+    scores = final(net(state))
+    run.writer.write(int(state.step), scores)
+  return state, scores
 
-  try:
-    state = loop.run(step_fn, state, lambda: (parallel.shard_batch(next(it), mesh), k_steps),
-                     end_epoch, bar, cfg.batch_size)
-  except BaseException:
-    writer.close()
-    raise
-  finally:
-    bar.close()
-    loop.close()
-  return state, writer
+
+def _describe(ctx: StageContext, state: TrainState, steps_per_epoch: int) -> None:
+  cfg, lr_scale = ctx.cfg, ctx.build.lr_scale(ctx.cfg)
+  note(f"[{ctx.stage}] {count_params(state.params):,} params, epochs={cfg.epochs} "
+       f"steps/epoch={steps_per_epoch}; "
+       f"{parallel.describe(cfg.batch_size, ctx.config.num_devices)}; "
+       f"peak lr {lr_scale * cfg.lr:g} (lr={cfg.lr:g} x {lr_scale:g})")
 
 
 def save_final_variables(workdir: str, stage: str, state: TrainState) -> str:
@@ -105,71 +116,130 @@ def load_final_variables(workdir: str, stage: str) -> dict[str, Any]:
     return serialization.msgpack_restore(f.read())
 
 
-def _eval_apply(model: Model):
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+# The genotype both stages train.
+
+DERIVED_GENOTYPE = Need("a derived genotype", ("derive",), "train.genotype='searched'",
+                        ", or name a genotype (train.genotype: "
+                        f"{', '.join(sorted(NAMED_GENOTYPES))})")
 
 
-def run_classification(config: Any, workdir: str, genotype: Genotype,
-                       stage: str = "train") -> dict[str, Any]:
-  cfg = config.train
-  spec = get_dataset(config.dataset)
-  model = make_model(genotype.layer_ops(), cfg.width, "classifier", **model_options(config.model),
-                     num_classes=spec.num_classes, dropout=cfg.dropout)
-  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                                  bad_examples=config.bad_examples)
-  test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None,
-                                  bad_examples=config.bad_examples)
-  state, writer = fit(config, workdir, stage, model, make_objective("supervised", cfg),
-                      train_data, cfg)
-  save_final_variables(workdir, stage, state)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  correct = total = 0.0
-  for logits, labels, mask in evaluate.predict(
-      _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
-      mesh=parallel.make_mesh(config.num_devices)):
-    c, n = evaluate.top1_accuracy(logits, labels, mask)
-    correct, total = correct + c, total + n
-  top1 = correct / total
-  writer.write(int(state.step), {"test_top1": top1, "test_examples": total})
-  writer.close()
-  print(f"[{stage}] test top-1 {top1:.4f} on {int(total)} {cfg.eval_split} examples")
-  return {"test_top1": top1, "test_examples": int(total),
+def _genotype_needs(config: Any, stage: str) -> list[Need]:
+  del stage
+  return [DERIVED_GENOTYPE] if config.train.genotype == "searched" else []
+
+
+def _genotype(ctx: StageContext) -> Genotype:
+  if ctx.config.train.genotype != "searched":
+    return named_genotype(ctx.config.train.genotype)
+  _, derived = ctx.source(DERIVED_GENOTYPE)
+  return Genotype.from_dict(derived["genotype"])
+
+
+def _named_ops() -> set[str]:
+  return {op for g in NAMED_GENOTYPES.values() for ops in g.stages for op in ops}
+
+
+def check_config(config: Any, stage: str, spec: Any) -> None:
+  """The genotype to train, the batch, the width (for every op it may hold), evals;
+  retrieval's classes."""
+  name = config.train.genotype
+  if name != "searched" and name not in NAMED_GENOTYPES:
+    raise ConfigError(f"Unknown train.genotype {name!r}; valid choices: searched, "
+                      f"{', '.join(sorted(NAMED_GENOTYPES))}.")
+  cfg = config[stage]
+  checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
+  space = search_space_from_config(config.search.candidates)
+  search_ops = {op for ops in space.candidates for op in ops}
+  checks.check_width(cfg.width, set(OPS.names()) & (search_ops | _named_ops()),
+                     f"{stage}.width")
+  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", HEADS[stage])
+  if stage == "retrieval":
+    _check_classes(cfg, config.dataset, spec.num_classes)
+
+
+def _check_classes(cfg: Any, dataset: str, num_classes: int) -> None:
+  train_c, test_c = list(cfg.train_classes), list(cfg.test_classes)
+  bad = [c for c in train_c + test_c if not 0 <= c < num_classes]
+  if bad:
+    raise ConfigError(f"retrieval classes {bad} are outside 0..{num_classes - 1} "
+                      f"of dataset {dataset}.")
+  if set(train_c) & set(test_c):
+    raise ConfigError("retrieval.train_classes and retrieval.test_classes overlap: "
+                      "zero-shot retrieval needs disjoint classes.")
+
+
+# The stages.
+
+
+def _classification_summary(config: Any, workdir: str, stage: str,
+                            result: dict[str, Any]) -> list[str]:
+  del config, workdir, stage
+  r = result
+  return ["## classification", "",
+          f"- test top-1: **{r['test_top1']:.4f}** on {r['test_examples']} examples",
+          f"- network: width {r['width']}, {r['params']:,} parameters, trained from "
+          f"scratch for {r['epochs']} epochs", ""]
+
+
+@register_stage("train", needs=_genotype_needs, check_config=check_config,
+                summary=_classification_summary)
+def run_classification(ctx: StageContext) -> dict[str, Any]:
+  """Trains the genotype with a classifier head; test top-1 on cfg.eval_split."""
+  build, cfg, spec = ctx.build, ctx.cfg, ctx.build.spec
+  genotype = _genotype(ctx)
+  model = make_model(genotype.layer_ops(), cfg.width, "classifier",
+                     **model_options(ctx.config.model), num_classes=spec.num_classes,
+                     dropout=cfg.dropout)
+  test_data = build.load_split(cfg.eval_split)
+
+  def final(net: evaluators.Net) -> dict[str, float]:
+    scores = evaluators.run("top1", net, build.eval_batches(test_data))
+    return {"test_top1": scores["top1"], "test_examples": scores["examples"]}
+
+  state, scores = fit(ctx, model, make_objective("supervised", cfg),
+                      build.load_split(cfg.split), final)
+  note(f"[{ctx.stage}] test top-1 {scores['test_top1']:.4f} on "
+       f"{int(scores['test_examples'])} {cfg.eval_split} examples")
+  return {"test_top1": scores["test_top1"], "test_examples": int(scores["test_examples"]),
           "params": count_params(state.params), "genotype": genotype.to_dict(),
           "width": cfg.width, "epochs": cfg.epochs, "init": "scratch"}
 
 
-def run_retrieval(config: Any, workdir: str, genotype: Genotype,
-                  stage: str = "retrieval") -> dict[str, Any]:
-  cfg = config.retrieval
-  spec = get_dataset(config.dataset)
+def _retrieval_summary(config: Any, workdir: str, stage: str,
+                       result: dict[str, Any]) -> list[str]:
+  del config, workdir, stage
+  r = result
+  return ["## zero-shot retrieval", "",
+          f"- train classes {r['train_classes']}, test classes {r['test_classes']} "
+          f"({r['test_examples']} test images)",
+          "- " + ", ".join(f"Recall@{k}: **{v:.4f}**" for k, v in r["recall"].items()), ""]
+
+
+@register_stage("retrieval", needs=_genotype_needs, check_config=check_config,
+                summary=_retrieval_summary)
+def run_retrieval(ctx: StageContext) -> dict[str, Any]:
+  """Trains the genotype with an embedding head on the train classes; Recall@K on
+  the held-out classes."""
+  build, cfg = ctx.build, ctx.cfg
+  genotype = _genotype(ctx)
   train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
-  model = make_model(genotype.layer_ops(), cfg.width, "embedding", **model_options(config.model),
-                     embed_dim=cfg.embed_dim, num_proxies=len(train_classes))
-  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                                   classes=train_classes, relabel=True,
-                                   bad_examples=config.bad_examples)
-  test_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
-                                  classes=test_classes, bad_examples=config.bad_examples)
-  state, writer = fit(config, workdir, stage, model, make_objective("proxy_anchor", cfg),
-                      train_data, cfg)
-  save_final_variables(workdir, stage, state)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  embeddings, labels = [], []
-  for out, lab, mask in evaluate.predict(
-      _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
-      mesh=parallel.make_mesh(config.num_devices)):
-    keep = mask > 0
-    embeddings.append(out["embedding"][keep])
-    labels.append(lab[keep])
-  recall = evaluate.recall_at_k(np.concatenate(embeddings), np.concatenate(labels),
-                                cfg.recall_ks)
-  writer.write(int(state.step), {f"recall_at_{k}": v for k, v in recall.items()})
-  writer.close()
-  print(f"[{stage}] zero-shot retrieval on classes {test_classes}: " +
-        ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()))
-  return {"recall": {str(k): v for k, v in recall.items()},
-          "train_classes": train_classes, "test_classes": test_classes,
-          "test_examples": int(sum(len(l) for l in labels)),
+  model = make_model(genotype.layer_ops(), cfg.width, "embedding",
+                     **model_options(ctx.config.model), embed_dim=cfg.embed_dim,
+                     num_proxies=len(train_classes))
+  test_data = build.load_split(cfg.split, classes=test_classes)
+
+  def final(net: evaluators.Net) -> dict[str, float]:
+    scores = evaluators.run("recall_at_k", net, build.eval_batches(test_data),
+                            ks=tuple(cfg.recall_ks))
+    return {k: v for k, v in scores.items() if k != "examples"} | {
+        "test_examples": scores["examples"]}
+
+  state, scores = fit(ctx, model, make_objective("proxy_anchor", cfg),
+                      build.load_split(cfg.split, classes=train_classes, relabel=True),
+                      final)
+  recall = {str(k): scores[f"recall_at_{k}"] for k in cfg.recall_ks}
+  note(f"[{ctx.stage}] zero-shot retrieval on classes {test_classes}: " +
+       ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()))
+  return {"recall": recall, "train_classes": train_classes, "test_classes": test_classes,
+          "test_examples": int(scores["test_examples"]),
           "params": count_params(state.params), "genotype": genotype.to_dict()}

@@ -46,9 +46,11 @@ def main(eval_batch: str, path: str) -> None:
 
   correct = total = 0.0
   embeddings, labels = [], []
-  for out, batch_labels, mask in evaluate.predict(
-      apply, variables, data, batch_size=int(eval_batch), image_size=IMAGE,
-      mean=spec.mean, std=spec.std, mesh=parallel.make_mesh()):
+  batches = pipeline.eval_batches(
+      data, batch_size=parallel.process_batch_size(int(eval_batch)), image_size=IMAGE,
+      mean=spec.mean, std=spec.std)
+  for out, batch in evaluate.predict(apply, variables, batches, parallel.make_mesh()):
+    batch_labels, mask = batch["label"], batch["mask"]
     c, n = evaluate.top1_accuracy(out["logits"], batch_labels, mask)
     correct, total = correct + c, total + n
     embeddings.append(out["embedding"][mask > 0])

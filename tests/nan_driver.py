@@ -1,12 +1,14 @@
 """`python -m fanas_jax.main` with one poisoned training batch, for tests/test_faults.py.
 
 Batch number $FANAS_TEST_NAN_BATCH (1-based, counted along each training stream) of
-every training iterator gets a NaN pixel, so that step's loss is NaN. The wrapper is
+every training iterator gets a NaN pixel, so that step's loss is NaN: the command
+runs with a Builder whose training iterators are wrapped. The wrapper is
 checkpointable like the grain iterator it wraps, so a resumed or rolled-back run
 poisons the same batch again.
 
   FANAS_TEST_NAN_BATCH=5 python -m tests.nan_driver --config=... --workdir=...
 """
+import functools
 import os
 from typing import Any
 
@@ -14,7 +16,7 @@ from absl import app
 import numpy as np
 
 from fanas_jax import main
-from fanas_jax.data import pipeline
+from fanas_jax.builders import Builder
 
 
 class NanAtBatch:
@@ -41,11 +43,14 @@ class NanAtBatch:
     self.consumed = state["consumed"]
 
 
-def _poison(bad: int) -> None:
-  original = pipeline.train_iterator
-  pipeline.train_iterator = lambda *args, **kwargs: NanAtBatch(original(*args, **kwargs), bad)
+class PoisonedBuilder(Builder):
+  """Every training iterator it makes poisons batch $FANAS_TEST_NAN_BATCH."""
+
+  def train_iterator(self, ds: Any, cfg: Any, seed: int) -> NanAtBatch:
+    return NanAtBatch(super().train_iterator(ds, cfg, seed),
+                      int(os.environ["FANAS_TEST_NAN_BATCH"]))
 
 
 if __name__ == "__main__":
-  _poison(int(os.environ["FANAS_TEST_NAN_BATCH"]))
-  app.run(main.main, flags_parser=main.parse_flags)
+  app.run(functools.partial(main.main, builder=PoisonedBuilder),
+          flags_parser=main.parse_flags)

@@ -25,6 +25,7 @@ def finished_run(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_pipeline_writes_every_output(finished_run):
   workdir, proc = finished_run
   for path in ["config.json", "genotype.json", "summary.md", "metrics.jsonl",
@@ -65,6 +66,7 @@ def test_pipeline_writes_every_output(finished_run):
   assert "test top-1" in summary and "Recall@1" in summary
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_keeps_results(finished_run):
   workdir, _ = finished_run
   before = open(os.path.join(workdir, "train", "result.json")).read()
@@ -76,6 +78,7 @@ def test_rerun_skips_finished_stages_and_keeps_results(finished_run):
   assert sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl"))) == lines
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused(finished_run):
   workdir, _ = finished_run
   proc = _run(workdir, "--config.train.epochs=2")
@@ -100,6 +103,7 @@ def test_bad_input_fails_before_compute_with_one_line(tmp_path, override, messag
   assert not os.path.exists(tmp_path / "w" / "config.json")
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices_fails_before_compute(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   cmd = [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",

@@ -144,6 +144,7 @@ def _with_derived_genotype(workdir, reference):
   return workdir
 
 
+@pytest.mark.slow
 def test_checkpoints_kept_are_the_newest_and_the_periodic_ones(shared):
   _, reference = shared
   # Saved every 2 steps and at each epoch end; keep=2 newest, plus every 2nd epoch end.
@@ -153,6 +154,7 @@ def test_checkpoints_kept_are_the_newest_and_the_periodic_ones(shared):
       [2 * TRAIN_STEPS_PER_EPOCH, 16, 18]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_search_and_mid_training_resumes_bitwise(shared, tmp_path):
   cache, reference = shared
   workdir = str(tmp_path / "killed")
@@ -177,6 +179,7 @@ def test_sigkill_mid_search_and_mid_training_resumes_bitwise(shared, tmp_path):
   _assert_same_training(workdir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_the_rerun_finishes_bitwise(shared, tmp_path):
   cache, reference = shared
   workdir = str(tmp_path / "preempted")
@@ -201,6 +204,7 @@ def test_sigterm_saves_exits_zero_and_the_rerun_finishes_bitwise(shared, tmp_pat
   assert _json(workdir, "derive/result.json") == _json(reference, "derive/result.json")
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     shared, tmp_path):
   cache, reference = shared
@@ -231,6 +235,7 @@ def _nan_run(cache, workdir, policy):
   return run.wait(), run.output
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_stage_step_and_last_good_checkpoint(shared, tmp_path):
   cache, reference = shared
   workdir = _with_derived_genotype(str(tmp_path / "nan_stop"), reference)
@@ -247,6 +252,7 @@ def test_nan_loss_stops_naming_stage_step_and_last_good_checkpoint(shared, tmp_p
   assert not os.path.exists(os.path.join(workdir, "train", "result.json"))
 
 
+@pytest.mark.slow
 def test_nan_loss_rolls_back_skips_the_batch_logs_it_and_finishes(shared, tmp_path):
   cache, reference = shared
   workdir = _with_derived_genotype(str(tmp_path / "nan_rollback"), reference)

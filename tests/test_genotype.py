@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fanas_jax.genotype import (
-  NAMED_GENOTYPES,
-  DeriveLimits,
-  Genotype,
-  op_family,
-  plot_genotype,
-)
+from fanas_jax.genotype import NAMED_GENOTYPES, DeriveLimits, Genotype
+from fanas_jax.plots import op_family, plot_genotype
 from fanas_jax.ops.layers import OPS
 
 ORIGINAL = NAMED_GENOTYPES["original"]

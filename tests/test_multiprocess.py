@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.multiprocess_search import STEPS
 
@@ -38,6 +39,7 @@ def _finish(proc) -> None:
   assert proc.returncode == 0, out[-4000:]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_of_four_devices(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   multi.mkdir()
@@ -83,6 +85,7 @@ def _lines(path) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_a_search_phase_over_two_processes(tmp_path):
   """`python -m fanas_jax.main --distributed=on` on 2 processes x 2 devices finds the
   alphas of 1 process x 4 devices; process 0 alone writes the logs and results."""

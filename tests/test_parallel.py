@@ -53,6 +53,7 @@ def run(request, tmp_path_factory):
   return request.param, int(data["devices"]), one, many
 
 
+@pytest.mark.slow
 def test_same_leaves_and_integer_state(run):
   _, devices, one, many = run
   assert devices == DEVICES
@@ -62,6 +63,7 @@ def test_same_leaves_and_integer_state(run):
       np.testing.assert_array_equal(many[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_state_and_metrics_match_one_device(run):
   """Each part of the state (params, batch_stats, alphas, each optimizer state) and
   each step's metrics, as one vector: relative L2 difference under 1e-5."""
@@ -79,6 +81,7 @@ def test_state_and_metrics_match_one_device(run):
   assert max(worst.values()) < TOLERANCE, worst
 
 
+@pytest.mark.slow
 def test_every_metric_and_alpha_matches_one_device(run):
   _, _, one, many = run
   for name, value in one.items():
@@ -86,6 +89,7 @@ def test_every_metric_and_alpha_matches_one_device(run):
       assert _relative(many[name], value) < TOLERANCE, name
 
 
+@pytest.mark.slow
 def test_alphas_are_identical_on_every_device(run):
   case, _, _, many = run
   copies = {k: v for k, v in many.items() if k.startswith("alpha_copies/")}
@@ -97,6 +101,7 @@ def test_alphas_are_identical_on_every_device(run):
     np.testing.assert_array_equal(stack[0], many[f"state/.alphas['{name.split('/')[1]}']"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eval_batch", [16, 40])
 def test_padded_evaluation_equals_a_numpy_loop(tmp_path, eval_batch):
   """359 test digits, a global batch that does not divide them, 8 devices: top-1 and

@@ -9,6 +9,7 @@ import pytest
 
 from configs import quickstart
 from fanas_jax import experiment, logging_utils
+from fanas_jax.builders import Builder
 from fanas_jax.train import load_final_variables
 
 WALL_CLOCK = ("time", "epoch_seconds")
@@ -29,25 +30,31 @@ def _metrics(workdir):
             for line in f]
 
 
-def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+class DyingWriter(logging_utils.MetricWriter):
+  def write(self, step, metrics):
+    super().write(step, metrics)
+    if metrics.get("epoch") == 2:  # epoch 2's record written, its checkpoint 50 not yet
+      raise KeyboardInterrupt("simulated kill")
+
+
+class DyingBuilder(Builder):
+  """Its writers die right after writing epoch 2's record."""
+
+  def writer(self, stage, purge_step=None):
+    return DyingWriter(self.workdir, stage, purge_step=purge_step)
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
   straight = str(tmp_path / "straight")
   experiment.run(_config(), straight)
 
   resumed = str(tmp_path / "resumed")
-  original_write = logging_utils.MetricWriter.write
-
-  def write_then_die(self, step, metrics):
-    original_write(self, step, metrics)
-    if metrics.get("epoch") == 2:  # epoch 2's record written, its checkpoint 50 not yet
-      raise KeyboardInterrupt("simulated kill")
-
-  monkeypatch.setattr(logging_utils.MetricWriter, "write", write_then_die)
   with pytest.raises(KeyboardInterrupt):
-    experiment.run(_config(), resumed)
+    experiment.run(_config(), resumed, builder=DyingBuilder)
   assert not os.path.exists(os.path.join(resumed, "train", "result.json"))
   assert sorted(os.listdir(os.path.join(resumed, "train", "checkpoints"))) == ["30", "40"]
   assert [r["epoch"] for r in _metrics(resumed)] == [1, 2]
-  monkeypatch.setattr(logging_utils.MetricWriter, "write", original_write)
   experiment.run(_config(), resumed)  # From checkpoint 40: 15 steps into epoch 2.
 
   # Epoch 2's mean over steps 26-50 sums 15 restored steps and 10 new ones, exactly;
