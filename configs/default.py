@@ -68,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
       dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay f32)
       attention_impl="blocked",  # local attention: 'blocked' (fast) or 'scan' (lean)
+      # Where ours may differ from the authors' network (their values here):
+      border="zero_pad",      # local attention at the map's edges: 'zero_pad' (padded
+                              # zeros stay in the softmax) or 'mask' (left out of it)
+      relu_after_add=False,   # True: ReLU after each bottleneck's residual add
+      zero_init_residual=False,  # True: each bottleneck's last BN scale starts at 0
   ))
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
   c.search = ml_collections.ConfigDict(dict(candidates=tuple(ORIGINAL_OPS)))

@@ -96,7 +96,7 @@ def layer_costs(space: SearchSpace, budget: Budget) -> tuple[np.ndarray, np.ndar
   from `space`: a derived network costs fixed + the sum of its chosen ops' rows."""
   table = network_cost(space.layer_ops(), budget.width, budget.image_size,
                        in_channels=budget.in_channels, stem=budget.stem,
-                       num_classes=budget.num_classes)
+                       num_classes=budget.num_classes, preprocess_affine=True)
   n_ops = max(len(c) for c in space.candidates)
   per_op = np.zeros((NUM_STAGES, LAYERS_PER_STAGE, n_ops, 2), np.int64)
   fixed = np.zeros(2, np.int64)

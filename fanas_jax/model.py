@@ -10,18 +10,28 @@ the mixture, a supernet can run a sampled single path (`gumbel_path`): each laye
 then executes only its sampled op, for memory-bounded search.
 
 Parameter paths are `backbone/stage{s}_layer{l}_{op}/...` in both forms, which is
-what makes inheriting the chosen ops' supernet weights a plain subtree copy.
+what makes inheriting the chosen ops' supernet weights a plain subtree copy. The
+one exception, as in the authors' search code: the supernet's stage preprocess
+BatchNorm is not affine, so the derived net's preprocess scale and bias have no
+supernet counterpart (they start at 1 and 0).
+
+Options (`config.model`, see `check_config`) select where the network differs from
+the authors' on purpose; the paper's configs leave them at the authors' values.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fanas_jax.genotype import LAYERS_PER_STAGE, STAGE_KINDS, stage_name
-from fanas_jax.ops.layers import STEMS, Bottleneck
+from fanas_jax.ops.attention import BORDERS, IMPLEMENTATIONS
+from fanas_jax.ops.layers import (STEMS, TORCH_KERNEL_INIT, Bottleneck, OpOptions,
+                                  batch_norm, torch_bias_init, torch_conv)
 from fanas_jax.registry import Registry
 
 LayerOps = Sequence[Sequence[Sequence[str]]]
@@ -35,6 +45,12 @@ def stage_widths(width: int) -> list[int]:
       w *= 2
     widths.append(w)
   return widths
+
+
+def is_supernet(layer_ops: LayerOps) -> bool:
+  """Whether some layer has several candidates (then every layer is a mixture or
+  a sampled path, and the stage preprocess BN is not affine)."""
+  return any(len(ops) > 1 for stage in layer_ops for ops in stage)
 
 
 def mixture_weights(alpha: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -78,8 +94,10 @@ class Backbone(nn.Module):
   width: int
   stem: str = "attention"
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
   attention_impl: str = "blocked"
+  border: str = "zero_pad"
+  relu_after_add: bool = False
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, alphas: Mapping[str, jax.Array] | None = None,
@@ -95,23 +113,24 @@ class Backbone(nn.Module):
     if path is not None and op_mask is not None:
       raise ValueError("op_mask masks the softmax mixture; a sampled path has no mask.")
     x = x.astype(self.dtype)
-    x = STEMS.get(self.stem, key="model.stem")(self.width, self.dtype, self.bn_axis_name,
-                                                 name="stem")(x, train)
+    op_options = OpOptions(self.dtype, self.attention_impl, self.border)
+    x = STEMS.get(self.stem, key="model.stem").make(self.width, op_options, "stem")(x, train)
+    affine = not is_supernet(self.layer_ops)
     features = {}
     for s, (kind, width) in enumerate(zip(STAGE_KINDS, stage_widths(self.width))):
       name = stage_name(s)
       # Stage preprocessing: ReLU -> 1x1 conv -> BN.
       x = nn.relu(x)
-      x = nn.Conv(width, (1, 1), use_bias=False, dtype=self.dtype,
-                  name=f"{name}_pre_conv")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       axis_name=self.bn_axis_name, dtype=self.dtype,
-                       name=f"{name}_pre_bn")(x)
+      x = torch_conv(width, x.shape[-1], dtype=self.dtype, name=f"{name}_pre_conv")(x)
+      x = batch_norm(train, self.dtype, use_scale=affine, use_bias=affine,
+                     name=f"{name}_pre_bn")(x)
       for l in range(LAYERS_PER_STAGE):
         ops = tuple(self.layer_ops[s][l])
         stride = 2 if (kind == "reduce" and l == 0) else 1
         options = dict(features=width, stride=stride, dtype=self.dtype,
-                       bn_axis_name=self.bn_axis_name, attention_impl=self.attention_impl)
+                       attention_impl=self.attention_impl, border=self.border,
+                       relu_after_add=self.relu_after_add,
+                       zero_init_residual=self.zero_init_residual)
         if len(ops) > 1 and path is not None:
           x = self._sampled_layer(options, ops, f"{name}_layer{l + 1}", x,
                                   path[name][l], train)
@@ -157,7 +176,7 @@ class Backbone(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-  """Global average pooling, dropout, dense classifier."""
+  """Global average pooling, dropout, dense classifier (PyTorch's nn.Linear init)."""
   num_classes: int
   dropout: float = 0.0
 
@@ -165,7 +184,8 @@ class ClassifierHead(nn.Module):
   def __call__(self, features, train: bool = False):
     x = jnp.mean(features["stage5"].astype(jnp.float32), axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, kernel_init=TORCH_KERNEL_INIT,
+                    bias_init=torch_bias_init(x.shape[-1]))(x)
 
 
 class EmbeddingHead(nn.Module):
@@ -192,37 +212,60 @@ def l2_normalize(x: jax.Array) -> jax.Array:
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
 
 
+def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] weights of 1-D linear interpolation with align_corners=True.
+
+  Output i samples input position i * (in - 1) / (out - 1): the first and last
+  samples sit exactly on the first and last inputs (PyTorch's align_corners=True;
+  jax.image.resize uses half-pixel centres instead).
+  """
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  position = np.arange(out_size) * scale
+  low = np.minimum(np.floor(position).astype(int), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = position - low
+  weights = np.zeros((out_size, in_size))
+  np.add.at(weights, (np.arange(out_size), low), 1 - frac)
+  np.add.at(weights, (np.arange(out_size), high), frac)
+  return weights
+
+
+def resize_align_corners(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear resize of [B, H, W, C] with align_corners=True: two small matmuls."""
+  rows = jnp.asarray(align_corners_matrix(x.shape[1], height), x.dtype)
+  cols = jnp.asarray(align_corners_matrix(x.shape[2], width), x.dtype)
+  return jnp.einsum("oh,bhwc,pw->bopc", rows, x, cols)
+
+
 class CARDecoder(nn.Module):
   """Decoder of the context auto-regression pretext (only used while searching).
 
   A low-level feature (end of stage 2, 1/2 resolution) through 1x1 conv -> 16 + BN,
   the high-level feature (end of stage 5, 1/4 resolution) bilinearly upsampled to
-  1/2, concatenated, 3x3 conv -> 32 + BN + ReLU, 1x1 conv (with bias) -> image
-  channels, bilinearly upsampled to the input resolution.
+  1/2, concatenated, 3x3 conv -> 32 + BN (no ReLU), 1x1 conv (with bias) -> image
+  channels, bilinearly upsampled to the input resolution. Both upsamplings align
+  corners, as the authors' do.
   """
   out_channels: int
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, features, train: bool = False):
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                   epsilon=1e-5, axis_name=self.bn_axis_name,
-                                   name=name)
+    bn = functools.partial(batch_norm, train, jnp.float32)
     low = features["stage2"].astype(jnp.float32)
     high = features["stage5"].astype(jnp.float32)
     b, h, w, _ = low.shape
-    low = bn("low_bn")(nn.Conv(16, (1, 1), use_bias=False, name="low_conv")(low))
-    high = jax.image.resize(high, (b, h, w, high.shape[-1]), "bilinear")
+    low = bn(name="low_bn")(torch_conv(16, low.shape[-1], name="low_conv")(low))
+    high = resize_align_corners(high, h, w)
     x = jnp.concatenate([low, high], axis=-1)
-    x = nn.relu(bn("fuse_bn")(nn.Conv(32, (3, 3), use_bias=False, name="fuse_conv")(x)))
-    x = nn.Conv(self.out_channels, (1, 1), use_bias=True, name="out_conv")(x)
-    return jax.image.resize(x, (b, 2 * h, 2 * w, self.out_channels), "bilinear")
+    x = bn(name="fuse_bn")(torch_conv(32, x.shape[-1], 3, name="fuse_conv")(x))
+    x = torch_conv(self.out_channels, 32, use_bias=True, name="out_conv")(x)
+    return resize_align_corners(x, 2 * h, 2 * w)
 
 
 HEADS: Registry = Registry("head")
 HEADS.add("classifier", lambda cfg: ClassifierHead(cfg["num_classes"], cfg.get("dropout", 0.0)))
 HEADS.add("embedding", lambda cfg: EmbeddingHead(cfg["embed_dim"], cfg.get("num_proxies", 0)))
-HEADS.add("car_decoder", lambda cfg: CARDecoder(cfg["out_channels"], cfg.get("bn_axis_name")))
+HEADS.add("car_decoder", lambda cfg: CARDecoder(cfg["out_channels"]))
 
 
 class Model(nn.Module):
@@ -233,12 +276,15 @@ class Model(nn.Module):
   head_config: Any  # a hashable tuple of (key, value) pairs
   stem: str = "attention"
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
   attention_impl: str = "blocked"
+  border: str = "zero_pad"
+  relu_after_add: bool = False
+  zero_init_residual: bool = False
 
   def setup(self):
     self.backbone = Backbone(self.layer_ops, self.width, self.stem, self.dtype,
-                             self.bn_axis_name, self.attention_impl)
+                             self.attention_impl, self.border, self.relu_after_add,
+                             self.zero_init_residual)
     self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
 
   def __call__(self, x, alphas=None, train: bool = False, op_mask=None, path=None):
@@ -251,6 +297,29 @@ def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# config.model keys that select a behaviour, with their valid values.
+_CHOICES = {
+    "stem": lambda: STEMS.names(),
+    "dtype": lambda: list(DTYPES),
+    "attention_impl": lambda: list(IMPLEMENTATIONS),
+    "border": lambda: list(BORDERS),
+}
+_FLAGS = ("relu_after_add", "zero_init_residual")
+
+
+def check_config(model_config: Any) -> None:
+  """Raises ValueError (one line naming the key and the valid values) for a bad
+  config.model option, before anything is built."""
+  for key, choices in _CHOICES.items():
+    value = model_config[key]
+    if value not in choices():
+      raise ValueError(f"model.{key}={value!r} is not a valid choice; valid choices: "
+                       f"{', '.join(choices())}.")
+  for key in _FLAGS:
+    value = model_config[key]
+    if not isinstance(value, bool):
+      raise ValueError(f"model.{key}={value!r} must be True or False.")
+
 
 def model_options(model_config: Any) -> dict[str, Any]:
   """The network-wide options of config.model, as make_model keyword arguments.
@@ -258,13 +327,23 @@ def model_options(model_config: Any) -> dict[str, Any]:
   dtype is the compute dtype; parameters are always float32 (flax's param_dtype),
   and heads, losses and BN statistics stay float32.
   """
+  check_config(model_config)
   return {"stem": model_config.stem, "dtype": DTYPES[model_config.dtype],
-          "attention_impl": model_config.attention_impl}
+          "attention_impl": model_config.attention_impl,
+          "border": model_config.border,
+          "relu_after_add": model_config.relu_after_add,
+          "zero_init_residual": model_config.zero_init_residual}
 
 
 def make_model(layer_ops: LayerOps, width: int, head: str, *, stem: str = "attention",
-               dtype: Any = jnp.float32, bn_axis_name: str | None = None,
-               attention_impl: str = "blocked", **head_config) -> Model:
+               dtype: Any = jnp.float32, attention_impl: str = "blocked",
+               border: str = "zero_pad", relu_after_add: bool = False,
+               zero_init_residual: bool = False, **head_config) -> Model:
+  """The network of `layer_ops` (derived or supernet) with a task head.
+
+  The defaults are the authors' network; relu_after_add, zero_init_residual and
+  border='mask' are the documented departures (see check_config).
+  """
   return Model(freeze_layer_ops(layer_ops), width, head,
-               tuple(sorted(head_config.items())), stem, dtype, bn_axis_name,
-               attention_impl)
+               tuple(sorted(head_config.items())), stem, dtype, attention_impl,
+               border, relu_after_add, zero_init_residual)

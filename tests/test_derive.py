@@ -96,7 +96,7 @@ def _every_legal_network(alphas, budget, limits):
   space = SearchSpace.uniform(BUDGET_OPS)
   table = cost.network_cost(space.layer_ops(), budget.width, budget.image_size,
                             in_channels=budget.in_channels, stem=budget.stem,
-                            num_classes=budget.num_classes)
+                            num_classes=budget.num_classes, preprocess_affine=True)
   rows = {r.layer: r for r in table.layers}
   fixed = np.asarray([sum(r.params for r in table.layers if not r.candidates),
                       sum(r.macs for r in table.layers if not r.candidates)])

@@ -11,8 +11,8 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
-from fanas_jax.ops import (AttentionStem, AxialAttention, Bottleneck, ConvStem,
-                           LocalAttention, NonLocal, OPS, ORIGINAL_OPS,
+from fanas_jax.ops import (BORDERS, AttentionStem, AxialAttention, Bottleneck,
+                           ConvStem, LocalAttention, NonLocal, OPS, ORIGINAL_OPS,
                            OpOptions, STEMS, local_attention)
 from fanas_jax.ops.attention import default_block_size
 
@@ -25,8 +25,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def reference_local_attention(q, k, v, window, num_heads, rel_row=None,
-                              rel_col=None, value_mix=None):
-  """Brute force in float64: explicit loops over pixels, heads and offsets."""
+                              rel_col=None, value_mix=None, border="mask"):
+  """Brute force in float64: explicit loops over pixels, heads and offsets.
+
+  border='mask': window positions outside the map are left out of the softmax;
+  'zero_pad': they are zero keys and values that stay in it.
+  """
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
@@ -42,14 +46,15 @@ def reference_local_attention(q, k, v, window, num_heads, rel_row=None,
         for dy in range(window):
           for dx in range(window):
             yy, xx = y + dy - half, x + dx - half
-            if not (0 <= yy < height and 0 <= xx < width):
+            inside = 0 <= yy < height and 0 <= xx < width
+            if not inside and border == "mask":
               continue  # Outside the map: excluded from the softmax.
-            key = k[:, yy, xx]
+            key = k[:, yy, xx] if inside else np.zeros_like(k[:, 0, 0])
             if rel_row is not None:
               key = key + np.concatenate([rel_row[dy], rel_col[dx]])
             logits.append(
                 np.sum(q[:, y, x, qs] * key[:, qs], -1) / np.sqrt(head_dim))
-            value = v[:, yy, xx]
+            value = v[:, yy, xx] if inside else np.zeros_like(v[:, 0, 0])
             if value_mix is not None:
               value = np.einsum("bmc,m->bc", value,
                                 value_mix[dy * window + dx])
@@ -64,6 +69,7 @@ def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
   return rng.standard_normal(shape).astype(np.float32)
 
 
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("num_heads,channels,window,use_rel", [
     (1, 8, 3, True),
@@ -73,7 +79,7 @@ def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
     (3, 6, 3, True),  # Head 1 straddles the row/column halves.
 ])
 def test_local_attention_matches_brute_force(num_heads, channels, window,
-                                             use_rel, impl):
+                                             use_rel, impl, border):
   rng = np.random.default_rng(0)
   q, k = _normal(rng, 2, 5, 7, channels), _normal(rng, 2, 5, 7, channels)
   v = _normal(rng, 2, 5, 7, 12)
@@ -82,25 +88,28 @@ def test_local_attention_matches_brute_force(num_heads, channels, window,
     rel = dict(rel_row=_normal(rng, window, channels // 2),
                rel_col=_normal(rng, window, channels // 2))
   out = local_attention(q, k, v, window=window, num_heads=num_heads, impl=impl,
-                        **rel)
-  expected = reference_local_attention(q, k, v, window, num_heads, **rel)
+                        border=border, **rel)
+  expected = reference_local_attention(q, k, v, window, num_heads, **rel,
+                                       border=border)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("height,width,window,block_size", [
     (12, 23, 5, None),  # Blocks of 6 (12); three blocks of 8 padded to 24 (23).
     (11, 9, 7, 2),      # A halo spanning several blocks; padded last block.
     (16, 8, 3, 4),      # Exact tiling; a single block along the width.
     (9, 10, 7, 9),      # Block larger than the width: one padded block.
 ])
-def test_blocked_layouts_match_brute_force(height, width, window, block_size):
+def test_blocked_layouts_match_brute_force(height, width, window, block_size,
+                                           border):
   """Every halo layout (padding, multi-block halos, single blocks) is exact."""
   rng = np.random.default_rng(11)
   q, k, v = (_normal(rng, 1, height, width, 8) for _ in range(3))
   rel = dict(rel_row=_normal(rng, window, 4), rel_col=_normal(rng, window, 4))
   out = local_attention(q, k, v, window=window, num_heads=2, impl="blocked",
-                        block_size=block_size, **rel)
-  expected = reference_local_attention(q, k, v, window, 2, **rel)
+                        block_size=block_size, border=border, **rel)
+  expected = reference_local_attention(q, k, v, window, 2, **rel, border=border)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -123,14 +132,17 @@ def test_default_block_sizes_tile_the_paper_maps():
       8, 8, 8, 7, 7, 7, 8, 6, 8]
 
 
-def test_value_mix_matches_brute_force():
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("num_heads", [2, 8])  # 8: one head per channel.
+def test_value_mix_matches_brute_force(num_heads, border):
   rng = np.random.default_rng(1)
   q, k = _normal(rng, 2, 4, 6, 8), _normal(rng, 2, 4, 6, 8)
-  v = _normal(rng, 2, 4, 6, 3, 4)
+  v = _normal(rng, 2, 4, 6, 3, 8)
   mix = rng.random((9, 3)).astype(np.float32)
-  out = local_attention(q, k, v, window=3, num_heads=2, value_mix=mix,
-                        impl="scan")
-  expected = reference_local_attention(q, k, v, 3, 2, value_mix=mix)
+  out = local_attention(q, k, v, window=3, num_heads=num_heads, value_mix=mix,
+                        impl="scan", border=border)
+  expected = reference_local_attention(q, k, v, 3, num_heads, value_mix=mix,
+                                       border=border)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -148,7 +160,7 @@ def test_whole_map_window_is_global_attention(zero_rel, impl):
     rel = dict(rel_row=np.zeros((window, 4), np.float32),
                rel_col=np.zeros((window, 4), np.float32))
   out = local_attention(q, k, v, window=window, num_heads=heads, impl=impl,
-                        **rel)
+                        border="mask", **rel)
   tokens = lambda a: a.reshape(batch, height * width, heads, -1)
   expected = jax.nn.dot_product_attention(tokens(q), tokens(k), tokens(v))
   np.testing.assert_allclose(out, expected.reshape(out.shape), atol=1e-5,
@@ -161,7 +173,7 @@ def test_whole_map_window_with_value_mix_matches_brute_force():
   v = _normal(rng, 1, 3, 5, 2, 4)
   mix = rng.random((81, 2)).astype(np.float32)
   out = local_attention(q, k, v, window=9, num_heads=1, value_mix=mix,
-                        impl="scan")
+                        impl="scan", border="mask")
   expected = reference_local_attention(q, k, v, 9, 1, value_mix=mix)
   np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
 
@@ -200,9 +212,10 @@ def test_local_attention_gradients_match_finite_differences():
     fn = lambda *args, **kw: local_attention(*args, window=3, num_heads=2,
                                              **kw)
     for impl in IMPLS:
-      check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
-                                               impl=impl),
-                  (q, k, v, rel_row, rel_col), order=1, modes=["rev"])
+      for border in BORDERS:
+        check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
+                                                 impl=impl, border=border),
+                    (q, k, v, rel_row, rel_col), order=1, modes=["rev"])
     # A padded, multi-block halo layout.
     q5, k5, v5 = (jnp.asarray(rng.standard_normal((1, 5, 5, 4))) for _ in range(3))
     check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
@@ -228,8 +241,9 @@ def _intermediate_sizes(fn, *args) -> list[int]:
   return sizes
 
 
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_neighbourhood_tensor_is_never_materialised(impl):
+def test_neighbourhood_tensor_is_never_materialised(impl, border):
   # 12x12 tiles into 2x2 blocks of 6, each attending to its 10x10 halo region.
   batch, height, width, channels, window, heads = 2, 12, 12, 64, 5, 2
   rng = np.random.default_rng(7)
@@ -243,7 +257,8 @@ def test_neighbourhood_tensor_is_never_materialised(impl):
 
   def loss(q, k, v, rel):
     return local_attention(q, k, v, window=window, num_heads=heads,
-                           rel_row=rel, rel_col=rel, impl=impl).sum()
+                           rel_row=rel, rel_col=rel, impl=impl,
+                           border=border).sum()
 
   assert max(_intermediate_sizes(loss, q, k, v, rel)) < limit
   grad = jax.grad(loss, argnums=(0, 1, 2, 3))
@@ -272,25 +287,36 @@ def test_local_attention_rejects_bad_shapes():
                     value_mix=jnp.ones((9, 1)))
   with pytest.raises(ValueError, match="xla, cudnn"):
     local_attention(x, x, x, window=3, num_heads=2, backend="triton")
+  with pytest.raises(ValueError, match="zero_pad, mask"):
+    local_attention(x, x, x, window=3, num_heads=2, border="reflect")
 
 
 def test_nonlocal_starts_as_identity_then_matches_embedded_gaussian():
+  """theta/phi/g/out are 1x1 convs with bias at the input width; BN after out
+  starts at scale 0 and bias 0; softmax over all H*W without 1/sqrt(d)."""
   rng = np.random.default_rng(8)
   x = jnp.asarray(_normal(rng, 2, 3, 4, 8))
   module = NonLocal(channels=8)
   variables = module.init(jax.random.key(0), x)
   np.testing.assert_array_equal(module.apply(variables, x), x)
-
   params = flax.core.unfreeze(variables["params"])
+  assert {n: p["kernel"].shape for n, p in params.items() if n != "bn"} == {
+      n: (1, 1, 8, 8) for n in ("theta", "phi", "g", "out")}
+  assert all(params[n]["bias"].shape == (8,) for n in ("theta", "phi", "g", "out"))
+  assert np.all(params["bn"]["scale"] == 0) and np.all(params["bn"]["bias"] == 0)
+
   params["bn"]["scale"] = jnp.ones_like(params["bn"]["scale"])
+  params["bn"]["bias"] = jnp.full_like(params["bn"]["bias"], 0.3)
   out = module.apply({**variables, "params": params}, x)
 
-  kernel = lambda name: np.asarray(params[name]["kernel"], np.float64)
+  def conv(name, a):
+    p = params[name]
+    return a @ np.asarray(p["kernel"], np.float64)[0, 0] + np.asarray(p["bias"])
   tokens = np.asarray(x, np.float64).reshape(2, 12, 8)
-  theta, phi, g = (tokens @ kernel(n) for n in ("theta", "phi", "g"))
+  theta, phi, g = (conv(n, tokens) for n in ("theta", "phi", "g"))
   attn = _softmax(np.einsum("bic,bjc->bij", theta, phi))  # No 1/sqrt(d).
   # Eval-mode BN at init statistics (mean 0, var 1) only divides by sqrt(1+eps).
-  y = (attn @ g) @ kernel("out") / np.sqrt(1 + 1e-5)
+  y = conv("out", attn @ g) / np.sqrt(1 + 1e-5) + 0.3
   np.testing.assert_allclose(out, (tokens + y).reshape(x.shape), atol=1e-4,
                              rtol=1e-4)
 
@@ -372,8 +398,9 @@ def test_bottleneck_shapes_and_param_paths(op):
     shared = {p for p in paths if not p.startswith("op/")}
     assert shared == _shared_paths(spec.post_norm, shortcut)
     if spec.is_global:
-      expected_op = {"op/theta/kernel", "op/phi/kernel", "op/g/kernel",
-                     "op/out/kernel", "op/bn/scale", "op/bn/bias"}
+      expected_op = {f"op/{n}/{leaf}" for n in ("theta", "phi", "g", "out")
+                     for leaf in ("kernel", "bias")} | {"op/bn/scale", "op/bn/bias"}
+      assert paths["op/theta/kernel"] == (1, 1, features // 2, features // 2)
     elif op.startswith("axial"):
       expected_op = {f"op/{axis}_{p}/kernel" for axis in ("row", "column")
                      for p in ("query", "key", "value")}
@@ -446,23 +473,27 @@ def test_each_op_in_bfloat16_is_close_to_float32(op):
 @pytest.mark.parametrize("in_channels,num_heads", [(3, 1), (1, 2)])
 def test_attention_stem_shape(in_channels, num_heads):
   x = jnp.asarray(_normal(np.random.default_rng(10), 2, 6, 6, in_channels))
-  stem = STEMS.get("attention")(16, jnp.float32, None)
-  stem = stem.clone(num_heads=num_heads)
+  spec = STEMS.get("attention")
+  stem = spec.make(16, OpOptions(), "stem").clone(num_heads=num_heads)
   variables = stem.init(jax.random.key(0), x, train=False)
   out = stem.apply(variables, x, train=False)
-  assert out.shape == (2, 6, 6, 16) and stem.reduction == 1
+  assert out.shape == (2, 6, 6, 16) and spec.reduction == 1
   assert np.all(np.asarray(out) >= 0) and np.any(np.asarray(out) > 0)
   assert variables["params"]["value"]["kernel"].shape == (in_channels, 4, 16)
 
 
 def test_conv_stem_shape():
-  stem = STEMS.get("conv")(16, jnp.float32, None)
-  assert isinstance(stem, ConvStem) and stem.reduction == 8
+  spec = STEMS.get("conv")
+  stem = spec.make(16, OpOptions(), "stem")
+  assert isinstance(stem, ConvStem) and spec.reduction == 8
   x = jnp.ones((2, 32, 32, 3))
   variables = jax.eval_shape(functools.partial(stem.init, train=False),
                              jax.random.key(0), x)
   out = jax.eval_shape(functools.partial(stem.apply, train=False), variables,
                        x)
-  assert out.shape == (2, 32 // stem.reduction, 32 // stem.reduction, 16)
+  assert out.shape == (2, 32 // spec.reduction, 32 // spec.reduction, 16)
+  # The authors' widths 3 -> C/2 -> C -> C.
+  assert [variables["params"][f"conv{i}"]["kernel"].shape for i in (1, 2, 3)] == [
+      (3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 16)]
   assert STEMS.names() == ["attention", "conv"]
-  assert isinstance(STEMS.get("attention")(8, jnp.float32, None), AttentionStem)
+  assert isinstance(STEMS.get("attention").make(8, OpOptions(), "stem"), AttentionStem)

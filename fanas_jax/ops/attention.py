@@ -1,6 +1,11 @@
 """Local (SASA) self-attention as a pure function, in two implementations.
 
-Neither ever gathers the (B, H, W, k*k, C) window neighbourhood:
+Borders (`border`): 'zero_pad' (the authors') zero-pads the map before the
+key and value projections, so a window position outside the map has key 0 and
+value 0 but stays in the softmax, with logit q . (its relative embedding), or 0
+without one; 'mask' leaves such positions out of the softmax altogether.
+
+Neither implementation ever gathers the (B, H, W, k*k, C) window neighbourhood:
 
 - `blocked` (default, fast): the map is cut into b x b query blocks; each block
   attends to its (b + k - 1)^2 halo region with dense batched matmuls. Relative
@@ -27,6 +32,7 @@ import numpy as np
 Array = jax.Array
 
 IMPLEMENTATIONS = ("blocked", "scan")
+BORDERS = ("zero_pad", "mask")
 BACKENDS = ("xla", "cudnn")
 # Added to the logit of a key outside the window or the map. Finite (a -inf
 # would meet zero channels in the augmented dot product and give NaN), and so
@@ -86,7 +92,7 @@ def _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix):
 
 
 def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
-                          value_mix) -> Array:
+                          value_mix, border) -> Array:
   """One offset at a time: a lax.scan over the window, rematerialised."""
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
@@ -135,8 +141,11 @@ def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
                      preferred_element_type=logit_dtype)
     logits += (row[:, None] + col[None, :]).reshape(logits.shape)
 
-  valid = _window_mask(height, width, window)[:, None, :, :, None]
-  weights = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=0)
+  if border == "mask":
+    valid = _window_mask(height, width, window)[:, None, :, :, None]
+    logits = jnp.where(valid, logits, -jnp.inf)
+  # zero_pad: a padded key is 0, so its logit is already q . rel (or 0).
+  weights = jax.nn.softmax(logits, axis=0)
 
   v_pad = pad(v)
   acc_dtype = jnp.promote_types(v.dtype, jnp.float32)
@@ -169,37 +178,39 @@ def default_block_size(size: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _halo_layout(size: int, block: int, half: int):
+def _halo_layout(size: int, block: int, half: int, zero_pad: bool):
   """Static layout of one spatial axis for the blocked implementation.
 
   Returns (num_blocks, region, start, offset, valid):
     region: keys per block along the axis (block + 2*half, or the whole axis
-      when there is a single block, since outside the map nothing is valid);
+      when there is a single block and positions outside the map are masked);
     start[j]: map index of region row 0 of block j (may be negative: padding);
     offset[j, i, r]: window offset index (0..2*half) of region row r seen
       from query row i of block j;
-    valid[j, i, r]: inside the window and inside the map.
+    valid[j, i, r]: inside the window and (unless zero_pad) inside the map.
   """
   num_blocks = -(-size // block)
-  if num_blocks == 1:
+  if num_blocks == 1 and not zero_pad:
     region, start = size, np.zeros(1, np.int64)
   else:
     region, start = block + 2 * half, np.arange(num_blocks) * block - half
   query_pos = np.arange(num_blocks)[:, None] * block + np.arange(block)[None]
   key_pos = start[:, None] + np.arange(region)[None]
   offset = key_pos[:, None, :] - query_pos[:, :, None] + half
-  valid = ((offset >= 0) & (offset <= 2 * half) & (key_pos[:, None, :] >= 0)
-           & (key_pos[:, None, :] < size) & (query_pos[:, :, None] < size))
+  valid = (offset >= 0) & (offset <= 2 * half) & (query_pos[:, :, None] < size)
+  if not zero_pad:
+    valid &= (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] < size)
   return num_blocks, region, start, offset, valid
 
 
-def _halo_regions(x: Array, axis: int, size: int, block: int, half: int) -> Array:
+def _halo_regions(x: Array, axis: int, size: int, block: int, half: int,
+                  zero_pad: bool) -> Array:
   """Replaces `axis` (length size) by [num_blocks, region] overlapping windows.
 
   Built from reshapes and static slices of the zero-padded axis (no gather), so
   the backward pass is a pad and a sum rather than a scatter.
   """
-  num_blocks, region, start, _, _ = _halo_layout(size, block, half)
+  num_blocks, region, start, _, _ = _halo_layout(size, block, half, zero_pad)
   lead = int(-start[0])
   spans = -(-region // block)  # Blocks of the padded axis one region touches.
   total = (num_blocks + spans - 1) * block
@@ -224,7 +235,7 @@ def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
 
 
 def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
-                             block_size, backend) -> Array:
+                             block_size, backend, border) -> Array:
   """Blocked (halo) local attention as augmented dot-product attention."""
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
@@ -232,8 +243,9 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   half = window // 2
   block_y = block_size or default_block_size(height)
   block_x = block_size or default_block_size(width)
-  rows = _halo_layout(height, block_y, half)
-  cols = _halo_layout(width, block_x, half)
+  zero_pad = border == "zero_pad"
+  rows = _halo_layout(height, block_y, half, zero_pad)
+  cols = _halo_layout(width, block_x, half, zero_pad)
   nb_y, region_y = rows[0], rows[1]
   nb_x, region_x = cols[0], cols[1]
   dtype = q.dtype
@@ -248,7 +260,8 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   def axis_logits(rel, layout, is_row):
     """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along rows (is_row) or columns:
     each query's relative-embedding logits at the region positions they belong to,
-    masked_logit where the key is outside the window or the map."""
+    masked_logit where the key is not `valid` (outside the window, or the map
+    under border='mask')."""
     _, region, _, offset, valid = layout
     one_hot = ((offset[:, :, None, :] == np.arange(window)[None, None, :, None])
                & valid[:, :, None, :])
@@ -277,8 +290,8 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
       batch, nb_y, nb_x, block_y * block_x, num_heads, aug_dim + pad_dim)
 
   def regions(x):  # [B, H, W, ...] -> [B, nb_y, nb_x, r_y, r_x, ...]
-    x = _halo_regions(_halo_regions(x, 1, height, block_y, half), 3, width,
-                      block_x, half)
+    x = _halo_regions(_halo_regions(x, 1, height, block_y, half, zero_pad), 3,
+                      width, block_x, half, zero_pad)
     return jnp.moveaxis(x, 3, 2)
 
   k_regions = regions(k.reshape(batch, height, width, num_heads, head_dim))
@@ -356,14 +369,15 @@ def local_attention(q: Array,
                     rel_row: Array | None = None,
                     rel_col: Array | None = None,
                     value_mix: Array | None = None,
+                    border: str = "zero_pad",
                     impl: str = "blocked",
                     block_size: int | None = None,
                     backend: str | None = None) -> Array:
   """Multi-head attention of each pixel over its window x window neighbourhood.
 
-  Positions outside the map are excluded from the softmax (not given logit 0),
+  With border='mask' positions outside the map are excluded from the softmax,
   so a window covering the whole map without relative embeddings is exactly
-  global attention.
+  global attention; with 'zero_pad' they take part as zero keys and values.
 
   Args:
     q: [B, H, W, C] queries.
@@ -380,6 +394,8 @@ def local_attention(q: Array,
     value_mix: optional [window*window, M] weights: the value at offset o is
       sum_m value_mix[o, m] * v[neighbour, m] (the SASA attention stem; `scan`
       implementation only).
+    border: 'zero_pad' (positions outside the map are zero keys and values
+      that stay in the softmax) or 'mask' (they are left out of it).
     impl: 'blocked' (halo blocks as dense attention; fast) or 'scan' (one
       offset at a time; least memory).
     block_size: query block side for `blocked` (default: per axis, a divisor
@@ -391,9 +407,12 @@ def local_attention(q: Array,
     [B, H, W, Cv] attention output, in v's dtype.
   """
   _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix)
+  if border not in BORDERS:
+    raise ValueError(f"Unknown local attention border {border!r}; valid: "
+                     f"{', '.join(BORDERS)}.")
   if impl == "scan":
     return _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
-                                 value_mix)
+                                 value_mix, border)
   if impl != "blocked":
     raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
                      f"{', '.join(IMPLEMENTATIONS)}.")
@@ -402,4 +421,4 @@ def local_attention(q: Array,
   if block_size is not None and block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}.")
   return _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
-                                  block_size, backend).astype(v.dtype)
+                                  block_size, backend, border).astype(v.dtype)
