@@ -11,7 +11,8 @@ import numpy as np
 from fanas_jax import parallel
 from fanas_jax.cost import require_cost_function
 from fanas_jax.cpc import grid_size
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data import pipeline
+from fanas_jax.data.datasets import get_dataset, stage_dataset
 from fanas_jax.data.pipeline import BAD_EXAMPLE_POLICIES
 from fanas_jax.derive import DERIVE_RULES, budget_from_config, derive
 from fanas_jax.genotype import DeriveLimits, NAMED_GENOTYPES, search_space_from_config
@@ -193,11 +194,12 @@ def validate(config: Any) -> None:
   _check_batch(config.eval_batch_size, "eval_batch_size", config.num_devices)
 
   if "retrieval" in run:
+    spec = get_dataset(stage_dataset(config, "retrieval"))
     train_c, test_c = list(config.retrieval.train_classes), list(config.retrieval.test_classes)
     bad = [c for c in train_c + test_c if not 0 <= c < spec.num_classes]
     if bad:
       raise ConfigError(f"retrieval classes {bad} are outside 0..{spec.num_classes - 1} "
-                        f"of dataset {config.dataset}.")
+                        f"of dataset {stage_dataset(config, 'retrieval')}.")
     if set(train_c) & set(test_c):
       raise ConfigError("retrieval.train_classes and retrieval.test_classes overlap: "
                         "zero-shot retrieval needs disjoint classes.")
@@ -209,6 +211,10 @@ def validate(config: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
       raise ConfigError(f"checkpoint.{key}={value!r} must be an integer >= {least}.")
   _check_choice(ckpt.nan_policy, ("stop", "rollback"), "checkpoint.nan_policy")
+  try:  # Last: it may build the embedded digits.
+    pipeline.check_config(config, run)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _named_ops() -> set[str]:

@@ -16,13 +16,11 @@ from fanas_jax.data import pipeline
 
 
 def predict(apply_fn: Callable, variables: Any, ds: Any, *, batch_size: int,
-            image_size: int, mean: Sequence[float], std: Sequence[float],
-            mesh: Any) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+            preprocess: pipeline.Preprocess, mesh: Any) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
   """Yields (outputs, labels, mask) per batch as host numpy arrays, all processes."""
   local = parallel.process_batch_size(batch_size)
   batches = pipeline.eval_batches(
-      ds, batch_size=local, image_size=image_size, mean=mean, std=std,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+      ds, batch_size=local, preprocess=preprocess, shard_index=jax.process_index(), shard_count=jax.process_count())
   for batch in batches:
     sharded = parallel.shard_batch(batch, mesh)
     out = apply_fn(variables, sharded["image"])

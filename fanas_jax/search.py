@@ -21,7 +21,7 @@ import numpy as np
 
 from fanas_jax import optim, parallel
 from fanas_jax.data import pipeline
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data.datasets import get_dataset, stage_dataset
 from fanas_jax.derive import budget_from_config, derive, layer_entropy, log_softmax
 from fanas_jax.genotype import DeriveLimits, search_space_from_config
 from fanas_jax.logging_utils import MetricWriter, progress
@@ -39,7 +39,8 @@ def run_search_phase(config: Any, workdir: str, stage: str,
                      init_alpha: dict[str, np.ndarray] | None) -> dict[str, Any]:
   """Runs one search phase into workdir/<stage>/ and returns its result record."""
   cfg = config[stage]
-  spec = get_dataset(config.dataset)
+  dataset = stage_dataset(config, stage)
+  spec = get_dataset(dataset)
   space = search_space_from_config(config.search.candidates)
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
   budget = budget_from_config(config)
@@ -50,21 +51,22 @@ def run_search_phase(config: Any, workdir: str, stage: str,
   model = make_model(space.layer_ops(), config.model.width, objective.head,
                      **model_options(config.model), **head_cfg)
 
-  data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+  data = pipeline.load_split(dataset, cfg.split, config.data_dir or None,
                              bad_examples=config.bad_examples)
   w_half, a_half = pipeline.split_halves(data, config.seed)
   steps_per_epoch = pipeline.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
   local_batch = parallel.process_batch_size(cfg.batch_size)
   iterator = lambda half, seed: pipeline.train_iterator(
-      half, batch_size=local_batch, image_size=config.image_size, mean=spec.mean,
-      std=spec.std, seed=seed, flip=cfg.flip, shard_index=jax.process_index(),
+      half, batch_size=local_batch, seed=seed,
+      preprocess=pipeline.train_preprocess(cfg, config.image_size, spec),
+      shard_index=jax.process_index(),
       shard_count=jax.process_count(), num_workers=config.data_workers)
   w_iter = iterator(w_half, config.seed)
   a_iter = iterator(a_half, config.seed + 1)
 
   lr_scale = parallel.lr_scale(cfg.batch_size, config.lr_reference_batch)
-  w_tx = optim.search_weight_optimizer(cfg, total_steps, lr_scale)
+  w_tx = optim.search_weight_optimizer(cfg, steps_per_epoch, lr_scale)
   a_tx = optim.alpha_optimizer(cfg)
   key = jax.random.key(config.seed)
   k_init, k_alpha, k_steps = jax.random.split(

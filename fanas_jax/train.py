@@ -19,7 +19,7 @@ import numpy as np
 
 from fanas_jax import evaluate, optim, parallel
 from fanas_jax.data import pipeline
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data.datasets import get_dataset, stage_dataset
 from fanas_jax.genotype import Genotype
 from fanas_jax.logging_utils import MetricWriter, progress, write_bytes
 from fanas_jax.model import Model, make_model, model_options
@@ -38,7 +38,7 @@ def count_params(tree: Any) -> int:
 def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objective,
         data: Any, cfg: Any) -> tuple[TrainState, Any]:
   """Trains `model` on `data` with the cfg recipe; resumes from checkpoints."""
-  spec = get_dataset(config.dataset)
+  spec = get_dataset(stage_dataset(config, stage))
   mesh = parallel.make_mesh(config.num_devices)
   steps_per_epoch = pipeline.steps_per_epoch(len(data), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
@@ -46,9 +46,9 @@ def fit(config: Any, workdir: str, stage: str, model: Model, objective: Objectiv
   tx = optim.train_optimizer(cfg, steps_per_epoch, lr_scale)
   it = pipeline.train_iterator(
       data, batch_size=parallel.process_batch_size(cfg.batch_size),
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
-      seed=config.seed + zlib.crc32(stage.encode()) % 1000, flip=cfg.flip,
-      crop_padding=cfg.crop_padding, shard_index=jax.process_index(),
+      preprocess=pipeline.train_preprocess(cfg, config.image_size, spec),
+      seed=config.seed + zlib.crc32(stage.encode()) % 1000,
+      shard_index=jax.process_index(),
       shard_count=jax.process_count(), num_workers=config.data_workers)
   key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
   k_init, k_steps = jax.random.split(key)
@@ -112,12 +112,13 @@ def _eval_apply(model: Model):
 def run_classification(config: Any, workdir: str, genotype: Genotype,
                        stage: str = "train") -> dict[str, Any]:
   cfg = config.train
-  spec = get_dataset(config.dataset)
+  dataset = stage_dataset(config, stage)
+  spec = get_dataset(dataset)
   model = make_model(genotype.layer_ops(), cfg.width, "classifier", **model_options(config.model),
                      num_classes=spec.num_classes, dropout=cfg.dropout)
-  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+  train_data = pipeline.load_split(dataset, cfg.split, config.data_dir or None,
                                   bad_examples=config.bad_examples)
-  test_data = pipeline.load_split(config.dataset, cfg.eval_split, config.data_dir or None,
+  test_data = pipeline.load_split(dataset, cfg.eval_split, config.data_dir or None,
                                   bad_examples=config.bad_examples)
   state, writer = fit(config, workdir, stage, model, make_objective("supervised", cfg),
                       train_data, cfg)
@@ -126,7 +127,7 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
   correct = total = 0.0
   for logits, labels, mask in evaluate.predict(
       _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
+      preprocess=pipeline.eval_preprocess(cfg, config.image_size, spec),
       mesh=parallel.make_mesh(config.num_devices)):
     c, n = evaluate.top1_accuracy(logits, labels, mask)
     correct, total = correct + c, total + n
@@ -142,14 +143,15 @@ def run_classification(config: Any, workdir: str, genotype: Genotype,
 def run_retrieval(config: Any, workdir: str, genotype: Genotype,
                   stage: str = "retrieval") -> dict[str, Any]:
   cfg = config.retrieval
-  spec = get_dataset(config.dataset)
+  dataset = stage_dataset(config, stage)
+  spec = get_dataset(dataset)
   train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
   model = make_model(genotype.layer_ops(), cfg.width, "embedding", **model_options(config.model),
                      embed_dim=cfg.embed_dim, num_proxies=len(train_classes))
-  train_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+  train_data = pipeline.load_split(dataset, cfg.split, config.data_dir or None,
                                    classes=train_classes, relabel=True,
                                    bad_examples=config.bad_examples)
-  test_data = pipeline.load_split(config.dataset, cfg.split, config.data_dir or None,
+  test_data = pipeline.load_split(dataset, cfg.split, config.data_dir or None,
                                   classes=test_classes, bad_examples=config.bad_examples)
   state, writer = fit(config, workdir, stage, model, make_objective("proxy_anchor", cfg),
                       train_data, cfg)
@@ -158,7 +160,7 @@ def run_retrieval(config: Any, workdir: str, genotype: Genotype,
   embeddings, labels = [], []
   for out, lab, mask in evaluate.predict(
       _eval_apply(model), variables, test_data, batch_size=config.eval_batch_size,
-      image_size=config.image_size, mean=spec.mean, std=spec.std,
+      preprocess=pipeline.eval_preprocess(cfg, config.image_size, spec),
       mesh=parallel.make_mesh(config.num_devices)):
     keep = mask > 0
     embeddings.append(out["embedding"][keep])

@@ -47,8 +47,9 @@ def main(eval_batch: str, path: str) -> None:
   correct = total = 0.0
   embeddings, labels = [], []
   for out, batch_labels, mask in evaluate.predict(
-      apply, variables, data, batch_size=int(eval_batch), image_size=IMAGE,
-      mean=spec.mean, std=spec.std, mesh=parallel.make_mesh()):
+      apply, variables, data, batch_size=int(eval_batch),
+      preprocess=pipeline.Preprocess(IMAGE, spec.mean, spec.std),
+      mesh=parallel.make_mesh()):
     c, n = evaluate.top1_accuracy(out["logits"], batch_labels, mask)
     correct, total = correct + c, total + n
     embeddings.append(out["embedding"][mask > 0])
@@ -58,7 +59,7 @@ def main(eval_batch: str, path: str) -> None:
   loop_predictions, loop_embeddings, loop_labels = [], [], []
   for i in range(len(data)):
     record = data[i]
-    x = pipeline.preprocess(record["image"], IMAGE, spec.mean, spec.std).reshape(-1)
+    x = pipeline.Preprocess(IMAGE, spec.mean, spec.std)(record["image"]).reshape(-1)
     loop_predictions.append(int(np.argmax(x @ variables["logits"])))
     loop_embeddings.append(x @ variables["embedding"])
     loop_labels.append(record["label"])
