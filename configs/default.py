@@ -16,14 +16,44 @@ def evals(**entries) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: dict(v) for k, v in entries.items()})
 
 
+def augmentation(**overrides) -> dict:
+  """A stage's training augmentation (fanas_jax/data/transforms.py), applied in this order."""
+  keys = dict(
+      resize="stretch",       # 'stretch': to resize_size square; 'shorter_side': the shorter
+                              # side to resize_size (aspect kept); then a centre crop to image_size
+      resize_size=0,          # 0 = image_size
+      random_resized_crop=False,  # instead: torchvision's RandomResizedCrop (scale (0.08, 1),
+                                  # ratio (3/4, 4/3)) of the stored image to image_size
+      crop_padding=0,         # >0: random image_size window of the image zero-padded by this
+      flip=False,             # random horizontal flip (probability 1/2)
+      color_jitter=(),        # () or (brightness, contrast, saturation, hue): torchvision's
+                              # ColorJitter, the four in a random order
+  )
+  keys.update(overrides)
+  return keys
+
+
+def evaluation(**overrides) -> dict:
+  """How a stage's evaluation images are sized: resize, then a centre crop to image_size."""
+  keys = dict(
+      eval_resize="stretch",  # 'stretch' (to eval_resize_size square) or 'shorter_side'
+      eval_resize_size=0,     # 0 = image_size
+  )
+  keys.update(overrides)
+  return keys
+
+
 def search_phase(**overrides) -> ml_collections.ConfigDict:
   """DARTS optimisation settings shared by both search phases."""
   phase = ml_collections.ConfigDict(dict(
       objective="car",
+      dataset="",             # '' = config.dataset; or a dataset name for this phase only
       split="train",          # divided 50/50 into a weight and an architecture half
       epochs=20,
       batch_size=32,
-      w_lr=0.025, w_lr_min=0.001, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
+      # Weight lr: cosine from w_lr to w_lr_min, stepped once per epoch (as PyTorch's
+      # CosineAnnealingLR stepped each epoch).
+      w_lr=0.025, w_lr_min=0.0, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
       a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
       alpha_init_std=1e-3,
       mode="first_order",     # alpha gradient: 'first_order', 'second_order' or 'gumbel'
@@ -31,7 +61,7 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
       gumbel_tau_max=10.0,    # gumbel: temperature at the first step, decaying linearly
       gumbel_tau_min=0.1,     # ... to this at the phase's last step
       init_alpha_from="",     # '' = fresh alphas; or a stage name
-      flip=True,
+      **augmentation(flip=True),
       num_boxes=4,            # CAR: zeroed boxes per image
       box_size=8,
       cpc=ml_collections.ConfigDict(dict(  # objective='cpc' (fanas_jax/cpc.py)
@@ -76,9 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
   c.search = ml_collections.ConfigDict(dict(candidates=tuple(ORIGINAL_OPS)))
-  c.search_phase1 = search_phase(objective="car", epochs=20)
+  # Phase 1: shorter side to 40, centre 32, flip; phase 2: crop 32 of padding 4, flip.
+  c.search_phase1 = search_phase(objective="car", epochs=20, resize="shorter_side",
+                                 resize_size=40)
   c.search_phase2 = search_phase(objective="supervised", epochs=50, a_lr=1e-4,
-                                 init_alpha_from="search_phase1")
+                                 init_alpha_from="search_phase1", crop_padding=4)
   c.derive = ml_collections.ConfigDict(dict(
       rule="constrained", max_window7=1, max_global=1, select="last",
       # Optional caps on the derived network at train.width and image_size
@@ -87,21 +119,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       genotype="searched",    # or a named genotype, e.g. 'original'
+      dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train", eval_split="test",
       epochs=500, batch_size=56,
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
-      warmup_epochs=20, warmup_from=0.3, lr_min=1e-4,
-      dropout=0.5, crop_padding=4, flip=True,
+      # Per epoch: warm-up from warmup_from x lr to lr over warmup_epochs, then cosine
+      # down to lr_min_factor x lr (a multiple of lr, not an absolute lr).
+      warmup_epochs=20, warmup_from=0.3, lr_min_factor=1e-4,
+      dropout=0.5,
+      label_smoothing=0.0,    # cross-entropy against (1 - s) one-hot + s / classes
+      **augmentation(crop_padding=4, flip=True),
+      **evaluation(),
       evals=evals(),          # e.g. evals.val = dict(type='top1', split='test', every_epochs=5)
   ))
   c.retrieval = ml_collections.ConfigDict(dict(
+      dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train+test",
       train_classes=tuple(range(0, 5)), test_classes=tuple(range(5, 10)),
       embed_dim=512, pa_alpha=32.0, pa_margin=0.1, recall_ks=(1, 2, 4, 8),
       epochs=100, batch_size=56,
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
-      warmup_epochs=5, warmup_from=0.3, lr_min=1e-4,
-      dropout=0.0, crop_padding=4, flip=True,
+      warmup_epochs=5, warmup_from=0.3, lr_min_factor=1e-4,  # as in train
+      dropout=0.0,
+      **augmentation(crop_padding=4, flip=True),
+      **evaluation(),
       evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))
   ))
   # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun

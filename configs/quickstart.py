@@ -12,11 +12,14 @@ def get_config(arg: str | None = None):
   c = default.get_config()
   c.image_size = 8             # the digits' native resolution
   c.search_phase1.epochs = 3
+  c.search_phase1.resize = "stretch"   # 8x8 digits: no shorter-side-40 + centre-32 recipe
+  c.search_phase1.resize_size = 0
   c.search_phase1.box_size = 2
   c.search_phase1.cpc.patch_size = 4   # objective=cpc: a 3x3 grid of 8x8 digits
   c.search_phase1.cpc.patch_stride = 2
   c.search_phase2.epochs = 3
   c.search_phase2.flip = False
+  c.search_phase2.crop_padding = 0     # phase 2 on 8x8 digits: no crop
   c.train.width = 32
   c.train.epochs = 20
   c.train.warmup_epochs = 2

@@ -229,7 +229,9 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
 
   One row per resolution the nets suite uses (or --input_sizes), at the nets'
   global batch, so each step has the pipeline's rate beside it. Its 'median_ms'
-  is the mean time per batch over at least INPUT_MIN_BATCHES batches.
+  is the mean time per batch over at least INPUT_MIN_BATCHES batches. 224x224
+  runs the ImageNet training recipe (random-resized crop, flip, colour jitter
+  on RGB), smaller sizes the CIFAR one (crop of padding size/8, flip).
   """
   from fanas_jax.data import pipeline  # grain and TFDS: only this suite needs them
   from fanas_jax.data.datasets import get_dataset
@@ -240,9 +242,14 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
   batch = a.net_batch * parallel.mesh_size(a.devices)
   rows = []
   for size in sizes:
+    if size >= 224:
+      recipe = dict(random_resized_crop=True, flip=True, color_jitter=(
+          (0.4, 0.4, 0.4, 0.2) if spec.channels == 3 else ()))
+    else:
+      recipe = dict(crop_padding=size // 8, flip=True)
     it = pipeline.train_iterator(
-        data, batch_size=min(batch, len(data)), image_size=size, mean=spec.mean,
-        std=spec.std, seed=0, flip=True, crop_padding=size // 8,
+        data, batch_size=min(batch, len(data)), seed=0,
+        preprocess=pipeline.Preprocess(size, spec.mean, spec.std, **recipe),
         num_workers=a.input_workers)
     # Drain what the read threads prefetched while the iterator started, so the
     # times are the pipeline's steady rate, not its buffer's.

@@ -17,7 +17,7 @@ import optax
 
 from fanas_jax import optim, parallel
 from fanas_jax.data import pipeline
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data.datasets import DatasetSpec, get_dataset, stage_dataset
 from fanas_jax.logging_utils import MetricWriter
 from fanas_jax.loop import Preemption, StageRun
 
@@ -27,17 +27,24 @@ class Builder:
 
   def __init__(self, config: Any, workdir: str):
     self.config, self.workdir = config, workdir
-    self.spec = get_dataset(config.dataset)
     self.mesh = parallel.make_mesh(config.num_devices)
     self.preemption = Preemption()
+    self._specs: dict[str, DatasetSpec] = {}
 
-  # Data.
+  # Data: each stage reads its own dataset (its `dataset` key, '' = config.dataset).
 
-  def load_split(self, split: str, classes: Sequence[int] | None = None,
+  def spec(self, stage: str) -> DatasetSpec:
+    """The DatasetSpec of the dataset `stage` reads (scanned once per run)."""
+    name = stage_dataset(self.config, stage)
+    if name not in self._specs:
+      self._specs[name] = get_dataset(name)
+    return self._specs[name]
+
+  def load_split(self, stage: str, split: str, classes: Sequence[int] | None = None,
                  relabel: bool = False) -> Any:
-    return pipeline.load_split(self.config.dataset, split, self.config.data_dir or None,
-                               classes=classes, relabel=relabel,
-                               bad_examples=self.config.bad_examples)
+    return pipeline.load_split(stage_dataset(self.config, stage), split,
+                               self.config.data_dir or None, classes=classes,
+                               relabel=relabel, bad_examples=self.config.bad_examples)
 
   def split_halves(self, ds: Any) -> tuple[Any, Any]:
     """(weight half, architecture half) of a search split."""
@@ -46,21 +53,24 @@ class Builder:
   def steps_per_epoch(self, num_examples: int, batch_size: int) -> int:
     return pipeline.steps_per_epoch(num_examples, batch_size)
 
-  def train_iterator(self, ds: Any, cfg: Any, seed: int) -> Any:
+  def train_iterator(self, stage: str, ds: Any, seed: int) -> Any:
     """This process's part of the stage's endless augmented global batches."""
+    cfg = self.config[stage]
     return pipeline.train_iterator(
         ds, batch_size=parallel.process_batch_size(cfg.batch_size),
-        image_size=self.config.image_size, mean=self.spec.mean, std=self.spec.std,
-        seed=seed, flip=cfg.flip, crop_padding=cfg.get("crop_padding", 0),
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        preprocess=pipeline.train_preprocess(cfg, self.config.image_size, self.spec(stage)),
+        seed=seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
         num_workers=self.config.data_workers)
 
-  def eval_batches(self, ds: Any) -> Iterator[dict[str, Any]]:
-    """This process's padded evaluation batches of `ds` (eval_batch_size global)."""
+  def eval_batches(self, stage: str, ds: Any) -> Iterator[dict[str, Any]]:
+    """This process's padded evaluation batches of `ds` (eval_batch_size global),
+    preprocessed by the stage's evaluation recipe."""
+    preprocess = pipeline.eval_preprocess(self.config[stage], self.config.image_size,
+                                          self.spec(stage))
     return pipeline.eval_batches(
         ds, batch_size=parallel.process_batch_size(self.config.eval_batch_size),
-        image_size=self.config.image_size, mean=self.spec.mean, std=self.spec.std,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        preprocess=preprocess, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
 
   # Keys and optimizers.
 
@@ -71,10 +81,10 @@ class Builder:
   def lr_scale(self, cfg: Any) -> float:
     return parallel.lr_scale(cfg.batch_size, self.config.lr_reference_batch)
 
-  def search_optimizers(self, cfg: Any, total_steps: int
+  def search_optimizers(self, cfg: Any, steps_per_epoch: int
                         ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """(weight optimizer, alpha optimizer) of a search phase."""
-    return (optim.search_weight_optimizer(cfg, total_steps, self.lr_scale(cfg)),
+    return (optim.search_weight_optimizer(cfg, steps_per_epoch, self.lr_scale(cfg)),
             optim.alpha_optimizer(cfg))
 
   def gumbel_temperature(self, cfg: Any, total_steps: int) -> optax.Schedule | None:

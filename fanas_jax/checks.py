@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from fanas_jax import parallel
+from fanas_jax.data import datasets, transforms
 from fanas_jax.genotype import NETWORK_REDUCTION
 from fanas_jax.ops.layers import OPS, STEMS
 from fanas_jax.registry import ConfigError
@@ -45,3 +46,15 @@ def check_width(width: int, ops: Iterable[str], key: str) -> None:
 def input_reduction(config: Any) -> int:
   """Image pixels per pixel of the last feature map, per side (stem and stages)."""
   return STEMS.get(config.model.stem, key="model.stem").reduction * NETWORK_REDUCTION
+
+
+def check_stage_data(config: Any, stage: str, splits: Iterable[str],
+                     evaluates: bool) -> datasets.DatasetSpec:
+  """The stage's dataset (exists, has `splits`, is prepared) and its preprocessing
+  keys (and the evaluation ones if it `evaluates`); returns the dataset's spec."""
+  try:
+    spec = datasets.check_stage_data(config, stage, tuple(splits))
+    transforms.check_stage(config[stage], stage, config.image_size, spec, evaluates)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return spec

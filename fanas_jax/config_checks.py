@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fanas_jax import checks, loop, parallel
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax import checks, loop, model, parallel
 from fanas_jax.data.pipeline import BAD_EXAMPLE_POLICIES
 from fanas_jax.derive import DERIVE_RULES
 from fanas_jax.genotype import search_space_from_config
-from fanas_jax.model import DTYPES
-from fanas_jax.ops.attention import IMPLEMENTATIONS
 from fanas_jax.ops.layers import STEMS
 from fanas_jax.registry import ConfigError
 from fanas_jax.search import SELECT_CHOICES
@@ -44,8 +41,10 @@ def _check_run_keys(config: Any) -> None:
 
 
 def _check_model(config: Any) -> None:
-  checks.check_choice(config.model.dtype, DTYPES, "model.dtype")
-  checks.check_choice(config.model.attention_impl, IMPLEMENTATIONS, "model.attention_impl")
+  try:
+    model.check_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   reduction = checks.input_reduction(config)
   size = config.image_size
   if size <= 0 or size % reduction:
@@ -65,7 +64,6 @@ def validate(config: Any, workdir: str | None = None) -> None:
   _check_run_keys(config)
   try:
     parallel.check_mesh(config.num_devices)
-    spec = get_dataset(config.dataset)  # a folder: dataset is scanned here
     STEMS.get(config.model.stem, key="model.stem")
     search_space_from_config(config.search.candidates)
     DERIVE_RULES.get(config.derive.rule, key="derive.rule")
@@ -73,7 +71,7 @@ def validate(config: Any, workdir: str | None = None) -> None:
     raise ConfigError(str(e)) from None
   _check_model(config)
   for name in run:
-    STAGES.get(name).check_config(config, name, spec)
+    STAGES.get(name).check_config(config, name)
   checks.check_batch(config.eval_batch_size, "eval_batch_size", config.num_devices)
   loop.check_config(config.checkpoint)
   if workdir is not None:

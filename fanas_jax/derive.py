@@ -4,7 +4,10 @@
 the three ops maximising the summed log softmax(alpha) subject to at most
 `max_window7` 7x7 local ops and at most `max_global` global ops in the stage. The
 search space is small (n_ops**3 = 343 assignments per stage), so exhaustive search
-is both exact and cheap. `argmax` takes each layer's best op, unconstrained.
+is both exact and cheap. `greedy` is the authors' own parser: layer by layer, in
+order, the best op whose class (7x7 window, global) has not reached its limit in the
+stage; it can miss the constrained optimum (an early layer takes a limited op that a
+later layer needed more). `argmax` takes each layer's best op, unconstrained.
 
 An optional `Budget` caps the derived network's parameters and/or MACs (from the
 cost model, at the width and input size it will be trained at). It couples the
@@ -21,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fanas_jax.cost import network_cost
-from fanas_jax.data.datasets import get_dataset
+from fanas_jax.data.datasets import get_dataset, stage_dataset
 from fanas_jax.genotype import (LAYERS_PER_STAGE, NUM_STAGES, DeriveLimits, Genotype,
                                 SearchSpace, stage_name)
 from fanas_jax.registry import Registry
@@ -45,6 +48,20 @@ def _stage_constrained(logp: np.ndarray, ops: tuple[str, ...],
   return tuple(ops[c] for c in best)
 
 
+def _stage_greedy(logp: np.ndarray, ops: tuple[str, ...],
+                  limits: DeriveLimits) -> tuple[str, ...]:
+  chosen: list[str] = []
+  for layer in range(LAYERS_PER_STAGE):
+    for c in np.argsort(-logp[layer], kind="stable"):  # ties: the first op
+      if not limits.violations(chosen + [ops[c]]):
+        chosen.append(ops[c])
+        break
+    else:
+      raise ValueError(f"No op of {list(ops)} for layer {layer + 1} satisfies the "
+                       "derive limits.")
+  return tuple(chosen)
+
+
 def _stage_argmax(logp: np.ndarray, ops: tuple[str, ...],
                   limits: DeriveLimits) -> tuple[str, ...]:
   del limits
@@ -53,7 +70,10 @@ def _stage_argmax(logp: np.ndarray, ops: tuple[str, ...],
 
 DERIVE_RULES: Registry = Registry("derive rule")
 DERIVE_RULES.add("constrained", _stage_constrained)
+DERIVE_RULES.add("greedy", _stage_greedy)
 DERIVE_RULES.add("argmax", _stage_argmax)
+# Rules the exact budget solver can honour (it enumerates whole stages).
+BUDGET_RULES = ("argmax", "constrained")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +94,7 @@ class Budget:
 
 def budget_from_config(config: Any) -> Budget:
   """derive.max_params / max_macs, at the settings the train stage will use."""
-  spec = get_dataset(config.dataset)
+  spec = get_dataset(stage_dataset(config, "train"))
   return Budget(max_params=config.derive.max_params or None,
                 max_macs=config.derive.max_macs or None, width=config.train.width,
                 image_size=config.image_size, in_channels=spec.channels,
@@ -86,6 +106,11 @@ def derive(alphas: Mapping[str, np.ndarray], space: SearchSpace, rule: str = "co
   stage_rule = DERIVE_RULES.get(rule, key="derive.rule")
   logps = [log_softmax(np.asarray(alphas[stage_name(s)])) for s in range(NUM_STAGES)]
   if budget is not None and budget.active:
+    if rule not in BUDGET_RULES:
+      raise ValueError(
+          f"derive.rule={rule!r} cannot be combined with derive.max_params / "
+          f"derive.max_macs: the budget is solved exactly per stage; use one of "
+          f"{', '.join(BUDGET_RULES)}, or set both caps to 0.")
     return _derive_within_budget(logps, space, rule, limits, budget)
   return Genotype(tuple(stage_rule(logp, space.candidates[s], limits)
                         for s, logp in enumerate(logps)))

@@ -15,7 +15,7 @@ same evaluators.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +144,9 @@ def _entries(evals: Any) -> dict[str, dict[str, Any]]:
   return {name: dict(entry) for name, entry in plain.items()}
 
 
-def check_config(evals: Any, key: str, head: str) -> None:
-  """A stage's `evals` block: known types reading this stage's head, known options."""
+def check_config(evals: Any, key: str, head: str, splits: Sequence[str] = ()) -> None:
+  """A stage's `evals` block: known types reading this stage's head, splits of the
+  stage's dataset (`splits`, when given), known options."""
   for name, entry in _entries(evals).items():
     where = f"{key}.{name}"
     found = EVALUATORS.get(entry.get("type", ""), key=f"{where}.type")
@@ -156,6 +157,10 @@ def check_config(evals: Any, key: str, head: str) -> None:
                         f"{', '.join(valid) or 'none'}.")
     if not isinstance(entry.get("split"), str) or not entry.get("split"):
       raise ConfigError(f"{where}.split={entry.get('split')!r} must name a split.")
+    if splits and not set(entry["split"].split("+")) <= set(splits):
+      raise ConfigError(f"{where}.split={entry['split']!r} is not a split of this stage's "
+                        f"dataset; valid splits: {', '.join(splits)} (or several "
+                        "joined by '+').")
     every = entry.get("every_epochs", 0)
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
       raise ConfigError(f"{where}.every_epochs={every!r} must be an integer >= 0 "
@@ -178,17 +183,17 @@ def specs_from_config(evals: Any) -> list[EvalSpec]:
 class Evals:
   """The evaluations a stage's config chose, with their splits loaded once."""
 
-  def __init__(self, evals: Any, build: Any):
+  def __init__(self, evals: Any, build: Any, stage: str):
     self.specs = specs_from_config(evals)
-    self._build = build
-    self._data = {s.split: build.load_split(s.split) for s in self.specs}
+    self._build, self._stage = build, stage
+    self._data = {s.split: build.load_split(stage, s.split) for s in self.specs}
 
   def run_due(self, net: Net, epoch: int, epochs: int) -> dict[str, float]:
     """{'NAME/metric': value} of the evaluations due after `epoch` of `epochs`."""
     out = {}
     for spec in self.specs:
       if spec.due(epoch, epochs):
-        batches = self._build.eval_batches(self._data[spec.split])
+        batches = self._build.eval_batches(self._stage, self._data[spec.split])
         for metric, value in run(spec.type, net, batches, **spec.options).items():
           out[f"{spec.name}/{metric}"] = value
     return out

@@ -7,7 +7,8 @@ image (L1). The masked image is the input and the clean image the target in BOTH
 the weight and the architecture step (the released code fed the clean image to the
 architecture step; we do not). `cpc` is the CPC-style variant (fanas_jax/cpc.py):
 predict patch embeddings rows ahead from a causal context, scored by InfoNCE.
-`supervised` is cross-entropy for phase 2.
+`supervised` is cross-entropy for phase 2 and training (label-smoothed by the
+config's `label_smoothing`, 0 if absent).
 """
 from __future__ import annotations
 
@@ -102,15 +103,16 @@ def _cpc(config: Any) -> Objective:
 
 
 def _supervised(config: Any) -> Objective:
-  del config
+  smoothing = float(config.get("label_smoothing", 0.0))
 
   def make_inputs(batch, rng):
     del rng
     return batch["image"], batch["label"]
 
   def loss(logits, labels):
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
+    logits = logits.astype(jnp.float32)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    ce = optax.softmax_cross_entropy(logits, targets).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return ce, {"cross_entropy": ce, "accuracy": acc}
 

@@ -11,18 +11,39 @@ import jax.numpy as jnp
 import optax
 
 
-def search_weight_optimizer(cfg: Any, total_steps: int,
-                            lr_scale: float = 1.0) -> optax.GradientTransformation:
-  """SGD + momentum, cosine annealing to lr_min, weight decay, clipping.
+def epoch_cosine(lr: float, alpha: float, epochs: int,
+                 steps_per_epoch: int) -> optax.Schedule:
+  """PyTorch's CosineAnnealingLR(T_max=epochs, eta_min=alpha * lr) stepped per epoch.
 
-  `lr_scale` multiplies both ends of the schedule (the linear scaling rule).
+  Every step of epoch e (= step // steps_per_epoch, e = 0..epochs-1) uses
+  lr * (alpha + (1 - alpha) * (1 + cos(pi * e / epochs)) / 2).
   """
-  schedule = optax.cosine_decay_schedule(lr_scale * cfg.w_lr, max(total_steps, 1),
-                                         alpha=cfg.w_lr_min / cfg.w_lr)
+  cosine = optax.cosine_decay_schedule(lr, max(epochs, 1), alpha=alpha)
+
+  def schedule(step):
+    return cosine(jnp.minimum(step // steps_per_epoch, max(epochs - 1, 0)))
+
+  return schedule
+
+
+def search_weight_schedule(cfg: Any, steps_per_epoch: int,
+                           lr_scale: float = 1.0) -> optax.Schedule:
+  """w_lr cosine-annealed to w_lr_min over cfg.epochs, stepped once per epoch."""
+  return epoch_cosine(lr_scale * cfg.w_lr, cfg.w_lr_min / cfg.w_lr, cfg.epochs,
+                      steps_per_epoch)
+
+
+def search_weight_optimizer(cfg: Any, steps_per_epoch: int,
+                            lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """SGD + momentum on `search_weight_schedule`, weight decay, clipping.
+
+  `lr_scale` multiplies the whole schedule (the linear scaling rule).
+  """
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.add_decayed_weights(cfg.w_weight_decay),
-      optax.sgd(schedule, momentum=cfg.w_momentum))
+      optax.sgd(search_weight_schedule(cfg, steps_per_epoch, lr_scale),
+                momentum=cfg.w_momentum))
 
 
 def alpha_optimizer(cfg: Any) -> optax.GradientTransformation:
@@ -47,14 +68,22 @@ def gumbel_temperature(cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def train_schedule(cfg: Any, steps_per_epoch: int, lr_scale: float = 1.0) -> optax.Schedule:
-  """Linear warm-up from warmup_from * lr, then cosine to lr_min (all x lr_scale)."""
-  total = cfg.epochs * steps_per_epoch
-  warmup = min(cfg.warmup_epochs * steps_per_epoch, total)
+  """Per-epoch warm-up then cosine, all x lr_scale (SPEC.md 5).
+
+  Epoch e < W = warmup_epochs: lr * (f + (1 - f) * e / W), f = warmup_from.
+  Epoch e >= W: PyTorch's CosineAnnealingLR over the remaining E - W epochs
+  from lr down to the floor lr_min_factor * lr.
+  """
   lr = lr_scale * cfg.lr
-  return optax.warmup_cosine_decay_schedule(
-      init_value=cfg.warmup_from * lr, peak_value=lr,
-      warmup_steps=warmup, decay_steps=max(total, warmup + 1),
-      end_value=lr_scale * cfg.lr_min)
+  warmup, epochs = cfg.warmup_epochs, cfg.epochs
+  cosine = epoch_cosine(lr, cfg.lr_min_factor, max(epochs - warmup, 1), 1)
+
+  def schedule(step):
+    epoch = jnp.minimum(step // steps_per_epoch, max(epochs - 1, 0))
+    ramp = lr * (cfg.warmup_from + (1.0 - cfg.warmup_from) * epoch / max(warmup, 1))
+    return jnp.where(epoch < warmup, ramp, cosine(epoch - warmup))
+
+  return schedule
 
 
 def train_optimizer(cfg: Any, steps_per_epoch: int,

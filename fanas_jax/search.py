@@ -62,7 +62,7 @@ def _objective_config(config: Any, cfg: Any, spec: Any) -> Any:
 
 def _supernet(ctx: StageContext) -> tuple[Any, Objective, Any]:
   """(search space, objective, supernet model) of the phase."""
-  config, cfg, spec = ctx.config, ctx.cfg, ctx.build.spec
+  config, cfg, spec = ctx.config, ctx.cfg, ctx.build.spec(ctx.stage)
   space = search_space_from_config(config.search.candidates)
   objective = make_objective(cfg.objective, _objective_config(config, cfg, spec))
   model = make_model(space.layer_ops(), config.model.width, objective.head,
@@ -135,9 +135,11 @@ def _search_head(config: Any, stage: str, spec: Any) -> str:
   return head
 
 
-def check_config(config: Any, stage: str, spec: Any) -> None:
-  """A search phase's block: batch, epochs, alpha source, bilevel step, objective."""
+def check_config(config: Any, stage: str) -> None:
+  """A search phase's block: data, batch, epochs, alpha source, bilevel step,
+  objective."""
   cfg = config[stage]
+  spec = checks.check_stage_data(config, stage, [cfg.split], evaluates=False)
   checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
   checks.check_epochs(cfg.epochs, f"{stage}.epochs")
   if cfg.init_alpha_from and cfg.init_alpha_from not in SEARCH_STAGES:
@@ -158,7 +160,7 @@ def check_config(config: Any, stage: str, spec: Any) -> None:
   space = search_space_from_config(config.search.candidates)
   checks.check_width(config.model.width, {op for ops in space.candidates for op in ops},
                      "model.width")
-  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", head)
+  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", head, spec.splits)
 
 
 def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> list[str]:
@@ -187,15 +189,15 @@ def run_search_phase(ctx: StageContext) -> dict[str, Any]:
   """Runs one search phase into workdir/<stage>/ and returns its result record."""
   build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
   space, objective, model = _supernet(ctx)
-  w_half, a_half = build.split_halves(build.load_split(cfg.split))
+  w_half, a_half = build.split_halves(build.load_split(stage, cfg.split))
   steps_per_epoch = build.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
-  w_iter = build.train_iterator(w_half, cfg, ctx.config.seed)
-  a_iter = build.train_iterator(a_half, cfg, ctx.config.seed + 1)
-  w_tx, a_tx = build.search_optimizers(cfg, total_steps)
+  w_iter = build.train_iterator(stage, w_half, ctx.config.seed)
+  a_iter = build.train_iterator(stage, a_half, ctx.config.seed + 1)
+  w_tx, a_tx = build.search_optimizers(cfg, steps_per_epoch)
   k_init, k_alpha, k_steps = jax.random.split(build.stage_key(stage), 3)
   input_shape = objective.input_shape(
-      (1, ctx.config.image_size, ctx.config.image_size, build.spec.channels))
+      (1, ctx.config.image_size, ctx.config.image_size, build.spec(stage).channels))
   state = build.replicate(init_search_state(
       model, _initial_alphas(ctx, space, k_alpha), w_tx, a_tx, k_init, input_shape))
   warmup_steps = cfg.warmup_epochs * steps_per_epoch
@@ -203,7 +205,7 @@ def run_search_phase(ctx: StageContext) -> dict[str, Any]:
       model, objective, w_tx, a_tx, cfg.mode, warmup_steps=warmup_steps,
       tau_schedule=build.gumbel_temperature(cfg, total_steps)), donate_argnums=0)
   _describe(ctx, steps_per_epoch, len(w_half), len(a_half), warmup_steps)
-  evals, infer = evaluators.Evals(cfg.get("evals"), build), _infer(model)
+  evals, infer = evaluators.Evals(cfg.get("evals"), build, stage), _infer(model)
   net = lambda state: evaluators.Net(infer, state, build.mesh, objective.head, objective)
   inputs = lambda: (build.shard(next(w_iter)), build.shard(next(a_iter)), k_steps)
 

@@ -39,7 +39,7 @@ class Need:
 class Stage:
   run: Callable[["StageContext"], dict[str, Any]]
   needs: Callable[[Any, str], Sequence[Need]]
-  check_config: Callable[[Any, str, Any], None]  # (config, stage, dataset spec)
+  check_config: Callable[[Any, str], None]  # (config, stage): raises ConfigError
   summary: Callable[[Any, str, str, dict[str, Any]], list[str]]
 
 
@@ -51,8 +51,8 @@ def _no_needs(config: Any, stage: str) -> Sequence[Need]:
   return ()
 
 
-def _no_check(config: Any, stage: str, spec: Any) -> None:
-  del config, stage, spec
+def _no_check(config: Any, stage: str) -> None:
+  del config, stage
 
 
 def _no_summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> list[str]:
@@ -61,7 +61,7 @@ def _no_summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -
 
 
 def register_stage(name: str, needs: Callable[[Any, str], Sequence[Need]] = _no_needs,
-                   check_config: Callable[[Any, str, Any], None] = _no_check,
+                   check_config: Callable[[Any, str], None] = _no_check,
                    summary: Callable[..., list[str]] = _no_summary) -> Callable:
   """Registers the decorated `run(ctx) -> result` as stage `name`."""
   def decorator(run: Callable[["StageContext"], dict[str, Any]]):

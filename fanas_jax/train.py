@@ -46,7 +46,8 @@ def _net(model: Model, objective: Objective, mesh: Any) -> Callable[[TrainState]
 
 
 def _init_state(ctx: StageContext, model: Model, tx: Any, key: jax.Array) -> TrainState:
-  shape = (1, ctx.config.image_size, ctx.config.image_size, ctx.build.spec.channels)
+  shape = (1, ctx.config.image_size, ctx.config.image_size,
+           ctx.build.spec(ctx.stage).channels)
   variables = init_variables(model, key, shape)
   return ctx.build.replicate(TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
@@ -61,12 +62,12 @@ def fit(ctx: StageContext, model: Model, objective: Objective, data: Any,
   build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
   steps_per_epoch = build.steps_per_epoch(len(data), cfg.batch_size)
   tx = build.train_optimizer(cfg, steps_per_epoch)
-  it = build.train_iterator(data, cfg, ctx.config.seed + zlib.crc32(stage.encode()) % 1000)
+  it = build.train_iterator(stage, data, ctx.config.seed + zlib.crc32(stage.encode()) % 1000)
   k_init, k_steps = jax.random.split(build.stage_key(stage))
   state = _init_state(ctx, model, tx, k_init)
   step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
   net = _net(model, objective, build.mesh)
-  evals = evaluators.Evals(cfg.get("evals"), build)
+  evals = evaluators.Evals(cfg.get("evals"), build, stage)
 
   with build.stage_run(stage, [it], steps_per_epoch, cfg.epochs, cfg.batch_size) as run:
     state = run.start(state)
@@ -139,22 +140,24 @@ def _named_ops() -> set[str]:
   return {op for g in NAMED_GENOTYPES.values() for ops in g.stages for op in ops}
 
 
-def check_config(config: Any, stage: str, spec: Any) -> None:
-  """The genotype to train, the batch, the width (for every op it may hold), evals;
-  retrieval's classes."""
+def check_config(config: Any, stage: str) -> None:
+  """The data, the genotype to train, the batch, the width (for every op it may
+  hold), evals; retrieval's classes."""
   name = config.train.genotype
   if name != "searched" and name not in NAMED_GENOTYPES:
     raise ConfigError(f"Unknown train.genotype {name!r}; valid choices: searched, "
                       f"{', '.join(sorted(NAMED_GENOTYPES))}.")
   cfg = config[stage]
+  spec = checks.check_stage_data(config, stage, [cfg.split, cfg.get("eval_split", cfg.split)],
+                                 evaluates=True)
   checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
   space = search_space_from_config(config.search.candidates)
   search_ops = {op for ops in space.candidates for op in ops}
   checks.check_width(cfg.width, set(OPS.names()) & (search_ops | _named_ops()),
                      f"{stage}.width")
-  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", HEADS[stage])
+  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", HEADS[stage], spec.splits)
   if stage == "retrieval":
-    _check_classes(cfg, config.dataset, spec.num_classes)
+    _check_classes(cfg, spec.name, spec.num_classes)
 
 
 def _check_classes(cfg: Any, dataset: str, num_classes: int) -> None:
@@ -185,19 +188,19 @@ def _classification_summary(config: Any, workdir: str, stage: str,
                 summary=_classification_summary)
 def run_classification(ctx: StageContext) -> dict[str, Any]:
   """Trains the genotype with a classifier head; test top-1 on cfg.eval_split."""
-  build, cfg, spec = ctx.build, ctx.cfg, ctx.build.spec
+  build, cfg, spec = ctx.build, ctx.cfg, ctx.build.spec(ctx.stage)
   genotype = _genotype(ctx)
   model = make_model(genotype.layer_ops(), cfg.width, "classifier",
                      **model_options(ctx.config.model), num_classes=spec.num_classes,
                      dropout=cfg.dropout)
-  test_data = build.load_split(cfg.eval_split)
+  test_data = build.load_split(ctx.stage, cfg.eval_split)
 
   def final(net: evaluators.Net) -> dict[str, float]:
-    scores = evaluators.run("top1", net, build.eval_batches(test_data))
+    scores = evaluators.run("top1", net, build.eval_batches(ctx.stage, test_data))
     return {"test_top1": scores["top1"], "test_examples": scores["examples"]}
 
   state, scores = fit(ctx, model, make_objective("supervised", cfg),
-                      build.load_split(cfg.split), final)
+                      build.load_split(ctx.stage, cfg.split), final)
   note(f"[{ctx.stage}] test top-1 {scores['test_top1']:.4f} on "
        f"{int(scores['test_examples'])} {cfg.eval_split} examples")
   return {"test_top1": scores["test_top1"], "test_examples": int(scores["test_examples"]),
@@ -226,16 +229,16 @@ def run_retrieval(ctx: StageContext) -> dict[str, Any]:
   model = make_model(genotype.layer_ops(), cfg.width, "embedding",
                      **model_options(ctx.config.model), embed_dim=cfg.embed_dim,
                      num_proxies=len(train_classes))
-  test_data = build.load_split(cfg.split, classes=test_classes)
+  test_data = build.load_split(ctx.stage, cfg.split, classes=test_classes)
 
   def final(net: evaluators.Net) -> dict[str, float]:
-    scores = evaluators.run("recall_at_k", net, build.eval_batches(test_data),
+    scores = evaluators.run("recall_at_k", net, build.eval_batches(ctx.stage, test_data),
                             ks=tuple(cfg.recall_ks))
     return {k: v for k, v in scores.items() if k != "examples"} | {
         "test_examples": scores["examples"]}
 
   state, scores = fit(ctx, model, make_objective("proxy_anchor", cfg),
-                      build.load_split(cfg.split, classes=train_classes, relabel=True),
+                      build.load_split(ctx.stage, cfg.split, classes=train_classes, relabel=True),
                       final)
   recall = {str(k): scores[f"recall_at_{k}"] for k in cfg.recall_ks}
   note(f"[{ctx.stage}] zero-shot retrieval on classes {test_classes}: " +

@@ -47,8 +47,8 @@ def main(eval_batch: str, path: str) -> None:
   correct = total = 0.0
   embeddings, labels = [], []
   batches = pipeline.eval_batches(
-      data, batch_size=parallel.process_batch_size(int(eval_batch)), image_size=IMAGE,
-      mean=spec.mean, std=spec.std)
+      data, batch_size=parallel.process_batch_size(int(eval_batch)),
+      preprocess=pipeline.Preprocess(IMAGE, spec.mean, spec.std))
   for out, batch in evaluate.predict(apply, variables, batches, parallel.make_mesh()):
     batch_labels, mask = batch["label"], batch["mask"]
     c, n = evaluate.top1_accuracy(out["logits"], batch_labels, mask)
@@ -60,7 +60,7 @@ def main(eval_batch: str, path: str) -> None:
   loop_predictions, loop_embeddings, loop_labels = [], [], []
   for i in range(len(data)):
     record = data[i]
-    x = pipeline.preprocess(record["image"], IMAGE, spec.mean, spec.std).reshape(-1)
+    x = pipeline.Preprocess(IMAGE, spec.mean, spec.std)(record["image"]).reshape(-1)
     loop_predictions.append(int(np.argmax(x @ variables["logits"])))
     loop_embeddings.append(x @ variables["embedding"])
     loop_labels.append(record["label"])

@@ -40,8 +40,8 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
   data = pipeline.load_split("sklearn_digits", "train")
   halves = pipeline.split_halves(data, seed=0)
   w_iter, a_iter = (pipeline.train_iterator(
-      half, batch_size=parallel.process_batch_size(GLOBAL_BATCH), image_size=IMAGE,
-      mean=spec.mean, std=spec.std, seed=seed, crop_padding=1,
+      half, batch_size=parallel.process_batch_size(GLOBAL_BATCH), seed=seed,
+      preprocess=pipeline.Preprocess(IMAGE, spec.mean, spec.std, crop_padding=1),
       shard_index=jax.process_index(), shard_count=jax.process_count())
       for half, seed in zip(halves, (0, 1)))
 
@@ -49,7 +49,7 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
   model = make_model(space.layer_ops(), 16, "classifier", num_classes=10, dropout=0.0)
   objective = make_objective("supervised", ml_collections.ConfigDict(dict(
       image_size=IMAGE, num_classes=10)))
-  w_tx = optim.search_weight_optimizer(cfg, total_steps=10)
+  w_tx = optim.search_weight_optimizer(cfg, steps_per_epoch=10)
   a_tx = optim.alpha_optimizer(cfg)
   key = jax.random.key(0)
   mesh = parallel.make_mesh()

@@ -46,8 +46,8 @@ class NanAtBatch:
 class PoisonedBuilder(Builder):
   """Every training iterator it makes poisons batch $FANAS_TEST_NAN_BATCH."""
 
-  def train_iterator(self, ds: Any, cfg: Any, seed: int) -> NanAtBatch:
-    return NanAtBatch(super().train_iterator(ds, cfg, seed),
+  def train_iterator(self, stage: str, ds: Any, seed: int) -> NanAtBatch:
+    return NanAtBatch(super().train_iterator(stage, ds, seed),
                       int(os.environ["FANAS_TEST_NAN_BATCH"]))
 
 

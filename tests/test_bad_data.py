@@ -13,7 +13,8 @@ from fanas_jax.data import datasets
 from fanas_jax.data import image_folder
 from fanas_jax.data import pipeline
 
-NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+RGB4 = pipeline.Preprocess(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+GREY8 = pipeline.Preprocess(8, (0.5,), (0.25,))
 # Eight 4x4 RGB images, a/0..3 (label 0) and b/0..3 (label 1): index = 4 * label + k.
 FILES = [f"train/{c}/{k}.png" for c in "ab" for k in range(4)]
 
@@ -82,8 +83,8 @@ def test_train_iterator_and_eval_raise_naming_the_file(corrupt):
   name, truncated, _ = corrupt
   ds = pipeline.load_split(name, "train")
   with pytest.raises(pipeline.BadExampleError, match=re.escape(truncated)):
-    list(pipeline.eval_batches(ds, batch_size=4, image_size=4, **NORM))
-  it = pipeline.train_iterator(ds, batch_size=8, image_size=4, seed=0, **NORM)
+    list(pipeline.eval_batches(ds, batch_size=4, preprocess=RGB4))
+  it = pipeline.train_iterator(ds, batch_size=8, preprocess=RGB4, seed=0)
   with pytest.raises(pipeline.BadExampleError, match=re.escape(corrupt[1])
                      + "|" + re.escape(corrupt[2])):
     next(it)
@@ -93,8 +94,8 @@ def test_worker_process_error_still_names_the_file(tmp_path):
   name = write_images(tmp_path)
   (tmp_path / FILES[0]).write_text("not a png")
   ds = pipeline.load_split(name, "train")
-  it = pipeline.train_iterator(ds, batch_size=8, image_size=4, seed=0,
-                               num_workers=2, **NORM)
+  it = pipeline.train_iterator(ds, batch_size=8, preprocess=RGB4, seed=0,
+                               num_workers=2)
   try:
     with pytest.raises(pipeline.BadExampleError, match=re.escape(
         f"cannot decode image file {tmp_path / FILES[0]}")):
@@ -135,8 +136,8 @@ def test_wrong_shape_or_label_names_split_and_index(monkeypatch, i, bad,
   with pytest.raises(pipeline.BadExampleError,
                      match=re.escape(f"dataset 'fake' split 'train' {message}")):
     read_all(ds)
-  it = pipeline.train_iterator(ds, batch_size=12, image_size=8, seed=0,
-                               mean=(0.5,), std=(0.25,))
+  it = pipeline.train_iterator(ds, batch_size=12, preprocess=GREY8,
+                               seed=0)
   with pytest.raises(pipeline.BadExampleError, match=re.escape(message)):
     next(it)
 
@@ -178,8 +179,8 @@ def test_skip_masks_bad_eval_examples_warns_and_counts(corrupt, caplog):
   ds = pipeline.load_split(name, "train", bad_examples="skip")
   before = pipeline.bad_example_count()
   with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-    batches = list(pipeline.eval_batches(ds, batch_size=3, image_size=4,
-                                         **NORM))
+    batches = list(pipeline.eval_batches(ds, batch_size=3,
+                                         preprocess=RGB4))
   mask = np.concatenate([b["mask"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
   np.testing.assert_array_equal(mask, [1, 1, 0, 1, 1, 0, 1, 1, 0])
@@ -187,15 +188,15 @@ def test_skip_masks_bad_eval_examples_warns_and_counts(corrupt, caplog):
   assert pipeline.bad_example_count() == before + 2
   warned = " ".join(r.getMessage() for r in caplog.records)
   assert truncated in warned and text in warned
-  list(pipeline.eval_batches(ds, batch_size=3, image_size=4, **NORM))
+  list(pipeline.eval_batches(ds, batch_size=3, preprocess=RGB4))
   assert pipeline.bad_example_count() == before + 2  # Distinct examples.
 
 
 def stream_indices(ds, shard_count: int, steps: int) -> np.ndarray:
   its = [pipeline.train_iterator(ds, batch_size=12 // shard_count,
-                                 image_size=8, seed=4, shard_index=p,
-                                 shard_count=shard_count, mean=(0.5,),
-                                 std=(0.25,)) for p in range(shard_count)]
+                                 preprocess=GREY8, seed=4, shard_index=p,
+                                 shard_count=shard_count)
+         for p in range(shard_count)]
   return np.stack([np.concatenate([next(it)["index"] for it in its])
                    for _ in range(steps)]).ravel()
 
@@ -229,13 +230,12 @@ def test_skip_with_nothing_good_left_raises(monkeypatch):
   records = [{**r, "label": 10} for r in grey_records(4)]
   ds = pipeline.load_split(fake_dataset(monkeypatch, records), "train",
                            bad_examples="skip")
-  it = pipeline.train_iterator(ds, batch_size=2, image_size=8, seed=0,
-                               mean=(0.5,), std=(0.25,))
+  it = pipeline.train_iterator(ds, batch_size=2, preprocess=GREY8,
+                               seed=0)
   try:
     with pytest.raises(pipeline.BadExampleError, match="all bad examples"):
       next(it)
   finally:
     it.close()
   with pytest.raises(pipeline.BadExampleError, match="All 4 examples are bad"):
-    pipeline.eval_batches(ds, batch_size=2, image_size=8, mean=(0.5,),
-                          std=(0.25,))
+    pipeline.eval_batches(ds, batch_size=2, preprocess=GREY8)

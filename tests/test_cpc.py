@@ -187,7 +187,8 @@ def digits_search():
   spec = get_dataset("sklearn_digits")
   w_half, a_half = pipeline.split_halves(pipeline.load_split("sklearn_digits", "train"), 0)
   batches = lambda half, seed: pipeline.train_iterator(
-      half, batch_size=32, image_size=8, mean=spec.mean, std=spec.std, seed=seed, flip=True)
+      half, batch_size=32, seed=seed,
+      preprocess=pipeline.Preprocess(8, spec.mean, spec.std, flip=True))
   return state, step, batches(w_half, 0), batches(a_half, 1)
 
 

@@ -13,7 +13,11 @@ from fanas_jax.data import pipeline
 from fanas_jax.data import sklearn_digits
 
 SPEC = datasets.get_dataset("sklearn_digits")
-NORM = {"mean": SPEC.mean, "std": SPEC.std}
+
+
+def prep(size: int, **augment) -> pipeline.Preprocess:
+  """Stretch to size x size, the digits' statistics, the given augmentation."""
+  return pipeline.Preprocess(size, SPEC.mean, SPEC.std, **augment)
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +191,8 @@ def unnormalise(images: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("size", [32, 12])
 def test_train_batches_are_normalised_resized_images(train, digits, size):
   images, target = digits
-  it = pipeline.train_iterator(train, batch_size=64, image_size=size, seed=0,
-                               **NORM)
+  it = pipeline.train_iterator(train, batch_size=64, preprocess=prep(size),
+                               seed=0)
   batch = next(it)
   assert batch["image"].dtype == np.float32
   assert batch["image"].shape == (64, size, size, 1)
@@ -206,8 +210,8 @@ def test_train_batches_are_normalised_resized_images(train, digits, size):
 
 def test_flip_flips_some_examples_only(train, digits):
   images, _ = digits
-  it = pipeline.train_iterator(train, batch_size=256, image_size=8, seed=0,
-                               flip=True, **NORM)
+  it = pipeline.train_iterator(train, batch_size=256, seed=0,
+                               preprocess=prep(8, flip=True))
   batch = next(it)
   flipped = kept = 0
   for image, index in zip(unnormalise(batch["image"]), batch["index"]):
@@ -223,8 +227,8 @@ def test_flip_flips_some_examples_only(train, digits):
 
 def test_crop_is_a_shifted_window_of_zero_padded_image(train, digits):
   images, _ = digits
-  it = pipeline.train_iterator(train, batch_size=64, image_size=16, seed=0,
-                               crop_padding=2, **NORM)
+  it = pipeline.train_iterator(train, batch_size=64, seed=0,
+                               preprocess=prep(16, crop_padding=2))
   batch = next(it)
   offsets = set()
   for image, index in zip(unnormalise(batch["image"]), batch["index"]):
@@ -251,7 +255,7 @@ def global_batches(ds, shard_count: int, steps: int, global_batch: int = 32,
 
 
 def test_global_batches_do_not_depend_on_shard_count(two_classes):
-  kw = dict(image_size=8, seed=3, flip=True, crop_padding=1, **NORM)
+  kw = dict(preprocess=prep(8, flip=True, crop_padding=1), seed=3)
   steps = 2 * pipeline.steps_per_epoch(len(two_classes), 32)  # Two epochs.
   want = global_batches(two_classes, 1, steps, **kw)
   for shard_count in (2, 4):
@@ -263,8 +267,8 @@ def test_global_batches_do_not_depend_on_shard_count(two_classes):
 
 
 def test_shards_of_a_batch_are_disjoint(two_classes):
-  its = [pipeline.train_iterator(two_classes, batch_size=8, image_size=8,
-                                 seed=0, shard_index=p, shard_count=4, **NORM)
+  its = [pipeline.train_iterator(two_classes, batch_size=8, preprocess=prep(8),
+                                 seed=0, shard_index=p, shard_count=4)
          for p in range(4)]
   for _ in range(18):
     parts = [set(next(it)["index"]) for it in its]
@@ -277,7 +281,7 @@ def test_epochs_are_fresh_permutations_dropping_the_remainder(train,
   steps = pipeline.steps_per_epoch(len(train), 100)
   assert steps == 14  # 1438 examples: 38 dropped per epoch.
   batches = global_batches(train, shard_count, 3 * steps, global_batch=100,
-                           image_size=8, seed=1, **NORM)
+                           preprocess=prep(8), seed=1)
   epochs = [np.concatenate([b["index"] for b in batches[e * steps:
                                                          (e + 1) * steps]])
             for e in range(3)]
@@ -290,7 +294,7 @@ def test_epochs_are_fresh_permutations_dropping_the_remainder(train,
 def test_each_shard_reads_only_its_own_examples(train):
   read = []
   spy = train.map(lambda record: read.append(record["index"]) or record)
-  kw = dict(batch_size=16, image_size=8, seed=0, shard_count=2, **NORM)
+  kw = dict(batch_size=16, preprocess=prep(8), seed=0, shard_count=2)
   own, other = (np.concatenate(batch_indices(
       pipeline.train_iterator(train, shard_index=p, **kw), 44))
       for p in (1, 0))  # 44 steps: one epoch of 1438 // 32.
@@ -302,7 +306,7 @@ def test_each_shard_reads_only_its_own_examples(train):
 
 
 def test_seed_determines_stream(train):
-  kw = dict(batch_size=32, image_size=8, flip=True, crop_padding=1, **NORM)
+  kw = dict(batch_size=32, preprocess=prep(8, flip=True, crop_padding=1))
   a = next(pipeline.train_iterator(train, seed=5, **kw))
   b = next(pipeline.train_iterator(train, seed=5, **kw))
   c = next(pipeline.train_iterator(train, seed=6, **kw))
@@ -311,8 +315,8 @@ def test_seed_determines_stream(train):
 
 
 def test_iterator_state_restores_bitwise(train):
-  kw = dict(batch_size=50, image_size=16, seed=2, flip=True, crop_padding=2,
-            shard_index=1, shard_count=2, **NORM)
+  kw = dict(batch_size=50, preprocess=prep(16, flip=True, crop_padding=2),
+            seed=2, shard_index=1, shard_count=2)
   it = pipeline.train_iterator(train, **kw)
   for _ in range(12):  # 14 steps per epoch: the replay crosses an epoch.
     next(it)
@@ -328,8 +332,8 @@ def test_iterator_state_restores_bitwise(train):
 
 
 def test_worker_processes_match_in_process(two_classes):
-  kw = dict(batch_size=16, image_size=8, seed=0, flip=True, shard_index=1,
-            shard_count=2, **NORM)
+  kw = dict(batch_size=16, preprocess=prep(8, flip=True), seed=0,
+            shard_index=1, shard_count=2)
   local = pipeline.train_iterator(two_classes, **kw)
   remote = pipeline.train_iterator(two_classes, num_workers=2, **kw)
   try:
@@ -344,8 +348,8 @@ def test_worker_processes_match_in_process(two_classes):
 def test_dataset_smaller_than_global_batch_rejected(two_classes):
   with pytest.raises(ValueError, match=r"288 examples are fewer than the "
                      r"global batch \(256 x 2 shards\)"):
-    pipeline.train_iterator(two_classes, batch_size=256, image_size=8, seed=0,
-                            shard_count=2, **NORM)
+    pipeline.train_iterator(two_classes, batch_size=256, preprocess=prep(8),
+                            seed=0, shard_count=2)
 
 
 # Evaluation batches.
@@ -353,8 +357,8 @@ def test_dataset_smaller_than_global_batch_rejected(two_classes):
 
 def test_eval_pads_and_masks_exactly(data_dir):
   test = pipeline.load_split("sklearn_digits", "test", data_dir)
-  batches = list(pipeline.eval_batches(test, batch_size=64, image_size=8,
-                                       **NORM))
+  batches = list(pipeline.eval_batches(test, batch_size=64,
+                                       preprocess=prep(8)))
   assert len(batches) == pipeline.num_eval_batches(359, 64, 1) == 6
   mask = np.concatenate([b["mask"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
@@ -364,7 +368,7 @@ def test_eval_pads_and_masks_exactly(data_dir):
   assert np.all(batches[-1]["image"][mask[-64:] == 0] == 0)
   np.testing.assert_array_equal(
       batches[0]["image"][3],
-      pipeline.preprocess(test[3]["image"], 8, SPEC.mean, SPEC.std))
+      prep(8)(test[3]["image"]))
 
 
 @pytest.mark.parametrize("n,shard_count", [(359, 3), (5, 8)])
@@ -373,8 +377,8 @@ def test_eval_shards_same_length_each_example_once(data_dir, n, shard_count):
   seen, lengths = [], set()
   for shard in range(shard_count):
     batches = list(pipeline.eval_batches(
-        test, batch_size=4, image_size=8, shard_index=shard,
-        shard_count=shard_count, **NORM))
+        test, batch_size=4, preprocess=prep(8), shard_index=shard,
+        shard_count=shard_count))
     lengths.add(len(batches))
     for b in batches:
       seen.extend(b["index"][b["mask"] == 1])

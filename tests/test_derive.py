@@ -54,8 +54,8 @@ def test_argmax_ignores_limits():
 
 def test_unknown_rule_lists_choices():
   alphas = {f"stage{s + 1}": np.zeros((3, 7)) for s in range(5)}
-  with pytest.raises(ValueError, match="argmax, constrained"):
-    derive(alphas, SPACE, "greedy", LIMITS)
+  with pytest.raises(ValueError, match=r"derive\.rule.*argmax, constrained, greedy"):
+    derive(alphas, SPACE, "greedy_typo", LIMITS)
 
 
 def test_entropy_uniform_and_one_hot():
@@ -154,3 +154,91 @@ def test_budget_that_nothing_fits_is_a_clear_error():
     derive(alphas, SPACE, "constrained", LIMITS, Budget(max_params=10_000))
   assert derive(alphas, SPACE, "constrained", LIMITS, Budget()) == derive(
       alphas, SPACE, "constrained", LIMITS)
+
+
+# The authors' greedy parser.
+
+
+def _stage_alphas(rows):
+  """[3, 7] alphas from {op: value} per layer, every other op 0."""
+  a = np.zeros((3, len(ORIGINAL_OPS)))
+  for l, row in enumerate(rows):
+    for op, v in row.items():
+      a[l, ORIGINAL_OPS.index(op)] = v
+  return a
+
+
+def test_greedy_and_constrained_differ_on_a_hand_worked_stage():
+  # Layer 1 prefers local7_h4 by 0.1 over local3_h4; layer 2 needs its 7x7 op
+  # (local7_h8 by 4 over local5_h4). Greedy spends the stage's one 7x7 on layer 1
+  # and layer 2 falls back to local5_h4: score 2.0 + 1 + 3 (in alpha units, the
+  # softmax normalisers being equal either way) against 1.9 + 5 + 3 exactly.
+  stage = _stage_alphas([{"local7_h4": 2.0, "local3_h4": 1.9},
+                         {"local7_h8": 5.0, "local5_h4": 1.0},
+                         {"local3_h8": 3.0}])
+  alphas = {f"stage{s + 1}": np.zeros((3, 7)) for s in range(5)}
+  alphas["stage1"] = stage
+  greedy = derive(alphas, SPACE, "greedy", LIMITS)
+  exact = derive(alphas, SPACE, "constrained", LIMITS)
+  assert greedy.stages[0] == ("local7_h4", "local5_h4", "local3_h8")
+  assert exact.stages[0] == ("local3_h4", "local7_h8", "local3_h8")
+  logp = log_softmax(stage)
+  score = lambda ops: sum(logp[l, ORIGINAL_OPS.index(op)] for l, op in enumerate(ops))
+  assert score(exact.stages[0]) - score(greedy.stages[0]) == pytest.approx(3.9, abs=1e-9)
+
+
+def test_greedy_global_limit_falls_back_layer_by_layer():
+  stage = _stage_alphas([{"nonlocal": 4.0, "local3_h4": 1.0},
+                         {"nonlocal": 3.0, "local5_h8": 2.0},
+                         {"nonlocal": 5.0, "local7_h4": 0.5}])
+  alphas = {f"stage{s + 1}": stage for s in range(5)}
+  g = derive(alphas, SPACE, "greedy", LIMITS)
+  assert g.stages == (("nonlocal", "local5_h8", "local7_h4"),) * 5
+  g.check_limits(LIMITS)
+
+
+def _greedy_reference(logp, ops, max7, max_global):
+  """The authors' parser written out: per layer, ops by descending weight, first legal."""
+  n7 = ng = 0
+  out = []
+  for row in logp:
+    for c in sorted(range(len(ops)), key=lambda c: (-row[c], c)):
+      is7, isg = ops[c].startswith("local7"), ops[c] == "nonlocal"
+      if n7 + is7 <= max7 and ng + isg <= max_global:
+        n7, ng = n7 + is7, ng + isg
+        out.append(ops[c])
+        break
+  return tuple(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_matches_the_reference_and_never_beats_constrained(seed):
+  rng = np.random.default_rng(seed)
+  alphas = {f"stage{s + 1}": rng.normal(size=(3, 7)) * 3 for s in range(5)}
+  alphas["stage1"][:, ORIGINAL_OPS.index("local7_h4")] += 4
+  alphas["stage5"][:, ORIGINAL_OPS.index("nonlocal")] += 4
+  greedy = derive(alphas, SPACE, "greedy", LIMITS)
+  exact = derive(alphas, SPACE, "constrained", LIMITS)
+  greedy.check_limits(LIMITS)
+  for s in range(5):
+    logp = log_softmax(alphas[f"stage{s + 1}"])
+    assert greedy.stages[s] == _greedy_reference(logp, ORIGINAL_OPS, 1, 1)
+    score = lambda ops: sum(logp[l, ORIGINAL_OPS.index(op)] for l, op in enumerate(ops))
+    assert score(greedy.stages[s]) <= score(exact.stages[s]) + 1e-12
+
+
+def test_greedy_with_a_budget_is_refused_in_one_line():
+  from fanas_jax.derive import Budget
+  alphas = {f"stage{s + 1}": np.zeros((3, 7)) for s in range(5)}
+  with pytest.raises(ValueError, match=r"derive\.rule='greedy' cannot be combined with "
+                     r"derive\.max_params / derive\.max_macs.*argmax, constrained"):
+    derive(alphas, SPACE, "greedy", LIMITS, Budget(max_params=10**9))
+  assert derive(alphas, SPACE, "greedy", LIMITS, Budget()) == derive(
+      alphas, SPACE, "greedy", LIMITS)
+
+
+def test_greedy_with_no_legal_op_names_the_layer():
+  space = SearchSpace.uniform(("local7_h4", "local7_h8"))
+  alphas = {f"stage{s + 1}": np.zeros((3, 2)) for s in range(5)}
+  with pytest.raises(ValueError, match="layer 2 satisfies the derive limits"):
+    derive(alphas, space, "greedy", LIMITS)

@@ -142,10 +142,11 @@ def test_scan_is_cached_per_root(tmp_path):
 
 def test_train_iterator_and_eval_batches_run(folder):
   spec = datasets.get_dataset(folder)
-  norm = {"mean": spec.mean, "std": spec.std}
   train = pipeline.load_split(folder, "train")
-  it = pipeline.train_iterator(train, batch_size=2, image_size=8, seed=0,
-                               flip=True, crop_padding=1, **norm)
+  it = pipeline.train_iterator(train, batch_size=2, seed=0,
+                               preprocess=pipeline.Preprocess(
+                                   8, spec.mean, spec.std, flip=True,
+                                   crop_padding=1))
   seen = []
   for _ in range(4):  # Two epochs of 5 // 2 = 2 steps.
     batch = next(it)
@@ -157,8 +158,9 @@ def test_train_iterator_and_eval_batches_run(folder):
   assert len(set(seen[:4])) == 4 and len(set(seen[4:])) == 4
 
   test = pipeline.load_split(folder, "test")
-  batches = list(pipeline.eval_batches(test, batch_size=4, image_size=8,
-                                       **norm))
+  batches = list(pipeline.eval_batches(
+      test, batch_size=4, preprocess=pipeline.Preprocess(8, spec.mean,
+                                                         spec.std)))
   assert len(batches) == 1
   np.testing.assert_array_equal(batches[0]["mask"], [1, 1, 0, 0])
   np.testing.assert_array_equal(batches[0]["label"][:2], [0, 2])

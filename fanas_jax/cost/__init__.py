@@ -31,17 +31,10 @@ from fanas_jax.genotype import (
 )
 from fanas_jax.model import LayerOps, is_supernet, stage_widths
 from fanas_jax.ops.costs import Cost, batch_norm_cost, conv_cost
-from fanas_jax.ops.layers import OPS, STEMS, OpSpec
+from fanas_jax.ops.layers import OPS, STEMS
 
 __all__ = ["Cost", "LayerCost", "NetworkCost", "batch_norm_cost", "bottleneck_cost",
-           "conv_cost", "load_genotype", "network_cost", "op_cost",
-           "require_cost_function"]
-
-
-def require_cost_function(op: str) -> OpSpec:
-  """The op's registry entry, whose `cost` field every op has; an unknown op is
-  one error naming the valid choices (what the config check asks before derive)."""
-  return OPS.get(op, key="op")
+           "conv_cost", "load_genotype", "network_cost", "op_cost"]
 
 
 def op_cost(op: str, channels: int, height: int, width: int) -> Cost:

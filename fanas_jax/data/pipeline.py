@@ -23,11 +23,12 @@ from typing import Any, Iterator, Sequence
 from absl import flags
 import grain
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from fanas_jax.data import image_folder
+from fanas_jax.data import datasets
 from fanas_jax.data.datasets import DatasetSpec, default_data_dir, get_dataset
+from fanas_jax.data.transforms import Preprocess, eval_preprocess, train_preprocess
 
 Record = dict[str, Any]
 
@@ -81,6 +82,7 @@ class _CheckedReader:
   channels: int
   native_size: int
   skip: bool
+  id_key: str = ""
 
   def __call__(self, i: int) -> Record | None:
     try:
@@ -99,6 +101,10 @@ class _CheckedReader:
       raise BadExampleError(f"{culprit}: {e}") from e
     if "path" in example:
       culprit += f" (file {example['path']})"
+    elif self.id_key and self.id_key in example:
+      name = example[self.id_key]
+      name = name.decode() if isinstance(name, bytes) else name
+      culprit += f" ({self.id_key} {name})"
     image = np.asarray(example["image"])
     label = int(example["label"])
     size = self.native_size
@@ -131,15 +137,12 @@ def _open(spec: DatasetSpec, split: str, data_dir: str | None) -> Any:
   """The split's random-access source, after checking the split's name."""
   if spec.open_split is not None:
     return spec.open_split(split)
-  parts = split.split("+")
-  if not all(parts) or any(p not in spec.splits for p in parts):
-    raise ValueError(
-        f"Unknown split {split!r} for dataset {spec.name!r}; valid splits: "
-        f"{', '.join(spec.splits)} (or several joined by '+').")
+  datasets.check_split(spec, split, "split")
   data_dir = data_dir or default_data_dir()
   spec.prepare(data_dir)
-  return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir,
-                          download=False)
+  name = (f"{spec.tfds_name}:{spec.tfds_version}" if spec.tfds_version
+          else spec.tfds_name)
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
 def load_split(dataset: str, split: str, data_dir: str | None = None,
@@ -167,7 +170,7 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
   source = _open(spec, split, data_dir)
   ds = grain.MapDataset.range(len(source)).map(_CheckedReader(
       source, dataset, split, spec.num_classes, spec.channels,
-      spec.native_size, bad_examples == "skip"))
+      spec.native_size, bad_examples == "skip", spec.id_key))
   if classes is not None:
     classes = [int(c) for c in classes]
     if len(set(classes)) != len(classes) or not all(
@@ -211,51 +214,9 @@ def num_eval_batches(n: int, batch_size: int, shard_count: int) -> int:
   return math.ceil(math.ceil(n / shard_count) / batch_size)
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 HWC to size x size.
-
-  Integer upscaling replicates pixels (nearest), which is exact; any other
-  size uses PIL bilinear (antialiased when shrinking), one channel at a time.
-  """
-  h, w = image.shape[:2]
-  if (h, w) == (size, size):
-    return image
-  if size % h == 0 and size % w == 0:
-    return np.repeat(np.repeat(image, size // h, axis=0), size // w, axis=1)
-  return np.stack([
-      np.asarray(Image.fromarray(image[..., c]).resize(
-          (size, size), Image.Resampling.BILINEAR))
-      for c in range(image.shape[-1])
-  ], axis=-1)
-
-
-def preprocess(image_uint8: np.ndarray, image_size: int, mean: Sequence[float],
-               std: Sequence[float]) -> np.ndarray:
-  """uint8 HWC -> float32 size x size, normalised; one rule for train and eval."""
-  image = _resize(image_uint8, image_size).astype(np.float32) / 255.0
-  return (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def _augment(image: np.ndarray, rng: np.random.Generator, flip: bool,
-             crop_padding: int) -> np.ndarray:
-  """Random horizontal flip and zero-padded random crop of a uint8 HWC image."""
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  if crop_padding > 0:
-    h, w = image.shape[:2]
-    p = crop_padding
-    padded = np.pad(image, ((p, p), (p, p), (0, 0)))
-    top, left = rng.integers(0, 2 * p + 1, size=2)
-    image = padded[top:top + h, left:left + w]
-  return image
-
-
-def _train_example(image_size: int, mean: Sequence[float], std: Sequence[float],
-                   flip: bool, crop_padding: int, record: Record,
+def _train_example(preprocess: Preprocess, record: Record,
                    rng: np.random.Generator) -> Record:
-  image = _augment(_resize(record["image"], image_size), rng, flip,
-                   crop_padding)
-  return {"image": preprocess(image, image_size, mean, std),
+  return {"image": preprocess(record["image"], rng),
           "label": np.int32(record["label"]),
           "index": np.int64(record["index"])}
 
@@ -291,9 +252,8 @@ def _global_position(batch_size: int, global_batch: int, shard_index: int,
   return step * global_batch + shard_index * batch_size + b
 
 
-def train_iterator(ds: grain.MapDataset, *, batch_size: int, image_size: int,
-                   mean: Sequence[float], std: Sequence[float], seed: int,
-                   flip: bool = False, crop_padding: int = 0,
+def train_iterator(ds: grain.MapDataset, *, batch_size: int,
+                   preprocess: Preprocess, seed: int,
                    shard_index: int = 0, shard_count: int = 1,
                    num_workers: int = 0) -> grain.DatasetIterator:
   """Endless augmented batches: this shard's part of the global batches.
@@ -306,8 +266,9 @@ def train_iterator(ds: grain.MapDataset, *, batch_size: int, image_size: int,
   those. An epoch is `steps_per_epoch(len(ds), global batch)` global batches
   of distinct examples from a fresh permutation (seeded by seed and epoch),
   dropping the remainder; a skipped bad example's place goes to the next good
-  example of the stream. Augmentation (after resizing) draws from an RNG
-  keyed by the example's position in the global stream. `get_state()` /
+  example of the stream. `preprocess` (transforms.Preprocess) turns each image
+  into the network's input; its augmentation draws from an RNG keyed by the
+  example's position in the global stream. `get_state()` /
   `set_state()` checkpoint and restore the stream exactly. With
   `num_workers > 0`, batches are built in that many grain worker processes.
   """
@@ -322,8 +283,7 @@ def train_iterator(ds: grain.MapDataset, *, batch_size: int, image_size: int,
   stream = (
       grain.MapDataset.range(sys.maxsize)
       .map(_GlobalStream(ds, order, global_batch * (len(ds) // global_batch)))
-      .random_map(functools.partial(_train_example, image_size, tuple(mean),
-                                    tuple(std), flip, crop_padding),
+      .random_map(functools.partial(_train_example, preprocess),
                   seed=int(augment_seed)))
   batches = (
       grain.MapDataset.range(sys.maxsize)
@@ -342,16 +302,16 @@ def train_iterator(ds: grain.MapDataset, *, batch_size: int, image_size: int,
   return iter(batches)
 
 
-def _eval_example(shard: grain.MapDataset, image_size: int,
-                  mean: Sequence[float], std: Sequence[float], channels: int,
-                  i: int) -> Record:
+def _eval_example(shard: grain.MapDataset, preprocess: Preprocess,
+                  channels: int, i: int) -> Record:
   """The i-th example of the shard, or a masked all-zero one (padding, bad)."""
   record = shard[i] if i < len(shard) else None
   if record is None:
-    return {"image": np.zeros((image_size, image_size, channels), np.float32),
+    size = preprocess.image_size
+    return {"image": np.zeros((size, size, channels), np.float32),
             "label": np.int32(0), "index": np.int64(-1),
             "mask": np.float32(0.0)}
-  return {"image": preprocess(record["image"], image_size, mean, std),
+  return {"image": preprocess(record["image"]),
           "label": np.int32(record["label"]),
           "index": np.int64(record["index"]), "mask": np.float32(1.0)}
 
@@ -366,9 +326,8 @@ def _channels(ds: grain.MapDataset) -> int:
                         "evaluate.")
 
 
-def eval_batches(ds: grain.MapDataset, *, batch_size: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float],
-                 shard_index: int = 0,
+def eval_batches(ds: grain.MapDataset, *, batch_size: int,
+                 preprocess: Preprocess, shard_index: int = 0,
                  shard_count: int = 1) -> Iterator[Record]:
   """This shard's examples once, in order, padded to whole batches.
 
@@ -376,11 +335,13 @@ def eval_batches(ds: grain.MapDataset, *, batch_size: int, image_size: int,
   {'image', 'label', 'index', 'mask'}; 'mask' is 1.0 for real examples and 0.0
   for padding and skipped bad examples, so masked sums count every good
   example exactly once across shards while all shards run the same number of
-  steps.
+  steps. `preprocess` must be deterministic (an eval_preprocess).
   """
+  if preprocess.is_random:
+    raise ValueError("eval_batches needs a deterministic preprocess (no "
+                     "random crop, flip or colour jitter).")
   shard = ds[shard_index::shard_count]
   total = num_eval_batches(len(ds), batch_size, shard_count) * batch_size
   padded = grain.MapDataset.range(total).map(functools.partial(
-      _eval_example, shard, image_size, tuple(mean), tuple(std),
-      _channels(ds)))
+      _eval_example, shard, preprocess, _channels(ds)))
   return iter(padded.batch(batch_size).to_iter_dataset(_read_options()))

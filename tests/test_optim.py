@@ -1,0 +1,113 @@
+"""Learning-rate schedules against their closed forms, epoch by epoch."""
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from fanas_jax import optim
+
+STEPS = 7  # steps per epoch
+
+
+def lr_at(schedule, step: int) -> float:
+  return float(schedule(jnp.asarray(step)))
+
+
+def torch_cosine(lr: float, lr_min: float, epoch: int, epochs: int) -> float:
+  """PyTorch CosineAnnealingLR's closed form at epoch `epoch` of T = epochs."""
+  return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+@pytest.mark.parametrize("w_lr_min", [0.0, 0.001])
+def test_search_weights_cosine_is_stepped_once_per_epoch(w_lr_min):
+  cfg = default.search_phase(epochs=20, w_lr=0.025, w_lr_min=w_lr_min)
+  schedule = optim.search_weight_schedule(cfg, STEPS)
+  for epoch in (0, 1, 7, 10, 19):
+    want = torch_cosine(0.025, w_lr_min, epoch, 20)
+    for step in (epoch * STEPS, epoch * STEPS + 3, epoch * STEPS + STEPS - 1):
+      # float32: 1 + cos(x) near x = pi loses digits; 1e-9 is 4e-8 of w_lr.
+      assert lr_at(schedule, step) == pytest.approx(want, rel=1e-6, abs=1e-9), (epoch, step)
+  assert lr_at(schedule, 0) == pytest.approx(0.025)
+  assert lr_at(schedule, 10 * STEPS) == pytest.approx(w_lr_min + (0.025 - w_lr_min) / 2)
+  # The last epoch stays above the minimum (T = epochs, e = 0..T-1).
+  assert lr_at(schedule, 19 * STEPS) > w_lr_min
+
+
+def test_paper_search_weights_anneal_to_zero():
+  cfg = default.get_config().search_phase2
+  assert cfg.w_lr_min == 0.0
+  schedule = optim.search_weight_schedule(cfg, STEPS)
+  assert lr_at(schedule, (cfg.epochs - 1) * STEPS) == pytest.approx(
+      0.025 * (1 + math.cos(math.pi * 49 / 50)) / 2, rel=1e-6, abs=1e-9)
+
+
+def test_search_weight_optimizer_applies_the_schedule_and_lr_scale():
+  cfg = default.search_phase(epochs=4, w_lr=0.1, w_lr_min=0.0, w_momentum=0.0,
+                             w_weight_decay=0.0, grad_clip=1e9)
+  tx = optim.search_weight_optimizer(cfg, 2, lr_scale=3.0)
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  for step in range(8):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    want = 3.0 * torch_cosine(0.1, 0.0, step // 2, 4)
+    assert float(updates["w"]) == pytest.approx(-want, rel=1e-6), step
+
+
+def _train_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(dict(default.get_config().train))
+  cfg.update(overrides)
+  return cfg
+
+
+def test_cifar_schedule_warms_up_then_cosines_to_a_multiple_of_lr():
+  cfg = _train_cfg()  # 500 epochs, 20 warm-up from 0.3, floor 1e-4 x lr
+  assert (cfg.epochs, cfg.warmup_epochs, cfg.warmup_from, cfg.lr_min_factor) == (
+      500, 20, 0.3, 1e-4)
+  schedule = optim.train_schedule(cfg, STEPS)
+  lr = 0.04
+  for epoch in (0, 1, 10, 19):
+    want = lr * (0.3 + 0.7 * epoch / 20)
+    assert lr_at(schedule, epoch * STEPS) == pytest.approx(want, rel=1e-6)
+    assert lr_at(schedule, epoch * STEPS + STEPS - 1) == pytest.approx(want, rel=1e-6)
+  for epoch in (20, 21, 260, 499):
+    want = torch_cosine(lr, 1e-4 * lr, epoch - 20, 480)
+    assert lr_at(schedule, epoch * STEPS + 2) == pytest.approx(want, rel=1e-5,
+                                                               abs=1e-9), epoch
+  # The floor is relative: doubling lr doubles every epoch's rate, the floor included.
+  doubled = optim.train_schedule(_train_cfg(lr=0.08), STEPS)
+  for step in (0, 150 * STEPS, 499 * STEPS):
+    assert lr_at(doubled, step) == pytest.approx(2 * lr_at(schedule, step), rel=1e-6)
+
+
+def test_imagenet_schedule_is_cosine_to_zero_without_warmup():
+  cfg = _train_cfg(epochs=200, warmup_epochs=0, lr_min_factor=0.0)
+  schedule = optim.train_schedule(cfg, STEPS)
+  for epoch in (0, 1, 100, 199):
+    assert lr_at(schedule, epoch * STEPS + 5) == pytest.approx(
+        torch_cosine(0.04, 0.0, epoch, 200), rel=1e-5, abs=1e-9), epoch
+
+
+def test_lr_scale_multiplies_the_whole_train_schedule():
+  cfg = _train_cfg(epochs=10, warmup_epochs=3)
+  base, scaled = optim.train_schedule(cfg, STEPS), optim.train_schedule(cfg, STEPS, 8.0)
+  for step in range(0, 10 * STEPS, 5):
+    assert lr_at(scaled, step) == pytest.approx(8 * lr_at(base, step), rel=1e-6)
+
+
+def test_train_optimizer_steps_with_the_schedule():
+  cfg = _train_cfg(epochs=3, warmup_epochs=1, momentum=0.0, weight_decay=0.0,
+                   grad_clip=1e9)
+  tx = optim.train_optimizer(cfg, 2)
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  got = []
+  for _ in range(6):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    got.append(-float(updates["w"]))
+  want = [0.3 * 0.04] * 2 + [torch_cosine(0.04, 4e-6, e, 2) for e in (0, 0, 1, 1)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert isinstance(tx, optax.GradientTransformation)
