@@ -4,9 +4,9 @@ Phase 1: context auto-regression on the 100 ImageNet classes at 32x32
 (dataset imagenet100_32): shorter side to 40, centre crop 32, flip. Phase 2:
 supervised on CIFAR-10, alphas from phase 1, random crop 32 of padding 4 +
 flip. Both: 50/50 weight/architecture halves, batch 32, weight lr 0.025
-cosine-annealed to 0 per epoch. Derive: the authors' greedy parser (at most one
-7x7 and one non-local op per stage); derive.rule='constrained' is the exact
-optimum under the same limits.
+cosine-annealed to 0 per epoch. Derive: at most one 7x7 and one non-local op per
+stage, solved exactly (derive.rule='constrained', the default);
+derive.rule='greedy' is the authors' layer-by-layer parser under the same limits.
 
   python -m fanas_jax.main --config=configs/paper/cifar_search.py --workdir=DIR
   (:tiny runs it in seconds on small data: the test's fabricated datasets)
@@ -29,7 +29,6 @@ def get_config(arg: str | None = None):
                               resize="stretch", resize_size=0, crop_padding=4,
                               flip=True, w_lr_min=0.0,
                               init_alpha_from="search_phase1"))
-  c.derive.rule = "greedy"
   if "tiny" in variants:
     c.search.candidates = ("local3_h4", "nonlocal")  # compile time: 2 ops, as other tiny runs
     for phase in (c.search_phase1, c.search_phase2):
