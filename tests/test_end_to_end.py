@@ -88,10 +88,10 @@ def test_rerun_with_another_config_is_refused(finished_run):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.trian.epochs=2", "unknown config key 'trian'"),
-    ("--config.dataset=cifar", "valid choices: sklearn_digits"),
+    ("--config.dataset=cifar", "valid choices: cifar10, imagenet100_32, imagenet2012, sklearn_digits"),
     ("--config.search.candidates=('local3_h4','conv3')", "valid choices: axial_h4"),
     ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
-    ("--config.derive.rule=greedy", "valid choices: argmax, constrained"),
+    ("--config.derive.rule=exact", "valid choices: argmax, constrained, greedy"),
     ("--config.derive.max_params=1000", "No derivable network fits the budget"),
 ])
 def test_bad_input_fails_before_compute_with_one_line(tmp_path, override, message):
