@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fanas_jax import checks, loop, model, parallel
+from fanas_jax.data.datasets import prepare_stage_data
 from fanas_jax.data.pipeline import BAD_EXAMPLE_POLICIES
 from fanas_jax.derive import DERIVE_RULES
 from fanas_jax.genotype import search_space_from_config
@@ -74,5 +75,10 @@ def validate(config: Any, workdir: str | None = None) -> None:
     STAGES.get(name).check_config(config, name)
   checks.check_batch(config.eval_batch_size, "eval_batch_size", config.num_devices)
   loop.check_config(config.checkpoint)
+  try:  # Last: preparing may build the embedded digits.
+    for name in run:
+      prepare_stage_data(config, name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if workdir is not None:
     check_needs(config, workdir)

@@ -182,12 +182,18 @@ def check_split(spec: DatasetSpec, split: str, key: str) -> None:
 
 
 def check_stage_data(config: Any, stage: str, splits: Sequence[str]) -> DatasetSpec:
-  """The dataset `stage` reads exists, has the `splits` it names and is prepared in
-  the data dir, so a bad one fails before any compute; returns its spec."""
+  """The dataset `stage` reads exists and has the `splits` it names, so a bad one
+  fails before any compute; returns its spec (`prepare_stage_data` checks its files)."""
   name = stage_dataset(config, stage)
   key = f"{stage}.dataset" if config[stage].get("dataset", "") else "dataset"
   spec = get_dataset(name, key=key)
   for split in splits:
     check_split(spec, split, f"{stage}.split")
-  spec.prepare(config.data_dir or default_data_dir())
   return spec
+
+
+def prepare_stage_data(config: Any, stage: str) -> None:
+  """Makes the dataset of a stage that reads one readable (the embedded digits build
+  themselves), or fails in one line naming where it looked."""
+  if "dataset" in config[stage]:
+    get_dataset(stage_dataset(config, stage)).prepare(config.data_dir or default_data_dir())
