@@ -46,7 +46,8 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
       for half, seed in zip(halves, (0, 1)))
 
   space = search_space_from_config(("local3_h4", "nonlocal"))
-  model = make_model(space.layer_ops(), 16, "classifier", num_classes=10, dropout=0.0)
+  model = make_model(space.layer_ops(), 16, "classifier", num_classes=10, dropout=0.0,
+                     zero_init_residual=True)   # as the quickstart (tests/multidevice_steps.py)
   objective = make_objective("supervised", ml_collections.ConfigDict(dict(
       image_size=IMAGE, num_classes=10)))
   w_tx = optim.search_weight_optimizer(cfg, steps_per_epoch=10)

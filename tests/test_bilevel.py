@@ -355,7 +355,10 @@ def test_sampled_supernet_equals_the_derived_network_exactly():
   layer_ops = tuple(tuple((op,) for op in chosen[f"stage{s + 1}"]) for s in range(5))
   derived = make_model(layer_ops, 16, "classifier", num_classes=10)
   shapes = jax.eval_shape(derived.init, jax.random.key(1), x)
-  sub = lambda src, like: {k: sub(src[k], v) if isinstance(v, dict) else src[k]
+  # The derived net's stage preprocess BN is affine; the supernet's is not (1 and 0).
+  fresh = lambda name, like: (jnp.ones if name == "scale" else jnp.zeros)(like.shape)
+  sub = lambda src, like: {k: sub(src.get(k, {}), v) if isinstance(v, dict)
+                           else src[k] if k in src else fresh(k, v)
                            for k, v in like.items()}
   inherited = {c: sub(variables[c], shapes[c]) for c in shapes}
   with jax.disable_jit():

@@ -108,13 +108,13 @@ def test_the_command_line_runs_a_search_phase_over_two_processes(tmp_path):
   # Adam moves each alpha by about its learning rate per step whatever the gradient's
   # size, and divides by the root of tiny second moments, so it magnifies the rounding
   # of a cross-process all-reduce (gloo) against an in-process one in the entries with
-  # the smallest gradients. Alphas must agree to 1% of one step's move (a batch read
+  # the smallest gradients. Alphas must agree to 5% of one step's move (a batch read
   # wrongly moves them by whole steps); the losses and gradient norms to 1e-6.
   a_lr = 3e-4
   for g, w in zip(got, want):
     for name in w["alphas"]:
       a, b = np.asarray(g["alphas"][name]), np.asarray(w["alphas"][name])
-      assert np.max(np.abs(a - b)) < 1e-2 * a_lr, name
+      assert np.max(np.abs(a - b)) < 5e-2 * a_lr, name
   rows, ref = _lines(multi / "metrics.jsonl"), _lines(single / "metrics.jsonl")
   assert len(rows) == len(ref)                 # process 0 alone wrote them
   for r, w in zip(rows, ref):
