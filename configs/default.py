@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bad_examples = "raise"    # an undecodable/misshapen/mislabelled example: 'raise' or
                               # 'skip' (train: next good example; eval: masked out)
   c.data_workers = 0          # grain worker processes building training batches (0: threads)
+  c.compile_cache = "default"  # XLA compilation cache: 'default' ($JAX_COMPILATION_CACHE_DIR,
+                              # else ~/.cache/fanas_jax/xla), 'off', or a directory
   c.image_size = 32
   c.stages = STAGES
   c.eval_batch_size = 256

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fanas_jax import checks, loop, model, parallel
+from fanas_jax import checks, compile_cache, loop, model, parallel
 from fanas_jax.data.datasets import prepare_stage_data
 from fanas_jax.data.pipeline import BAD_EXAMPLE_POLICIES
 from fanas_jax.derive import DERIVE_RULES
@@ -29,6 +29,10 @@ def _check_run_keys(config: Any) -> None:
     raise ConfigError(f"lr_reference_batch={config.lr_reference_batch!r} must be a "
                       "non-negative integer (0 = learning rates as given).")
   checks.check_choice(config.bad_examples, BAD_EXAMPLE_POLICIES, "bad_examples")
+  try:
+    compile_cache.check_config(config.compile_cache)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not isinstance(config.data_workers, int) or config.data_workers < 0:
     raise ConfigError(f"data_workers={config.data_workers!r} must be a non-negative "
                       "integer (0 = read threads only).")

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from fanas_jax import config_checks, report
+from fanas_jax import compile_cache, config_checks, report
 from fanas_jax.builders import Builder
 from fanas_jax.data import pipeline
 from fanas_jax.derive_stage import derive_stage  # noqa: F401  (the stage as a function)
@@ -37,13 +37,22 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+# Settings that cannot change a run's results, so a resumed run may change them.
+UNPINNED = ("compile_cache",)
+
+
 def pin_config(config: Any, workdir: str) -> None:
-  """Writes workdir/config.json, or checks that it matches the config of this run."""
+  """Writes workdir/config.json, or checks that it matches the config of this run
+  (the UNPINNED keys aside)."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
+  for key in UNPINNED:
+    current.pop(key, None)
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
+    for key in UNPINNED:
+      previous.pop(key, None)
     old, new = _flatten(previous), _flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
@@ -69,9 +78,11 @@ def run(config: Any, workdir: str, builder: type[Builder] = Builder) -> dict[str
   names = stage_names(config)
   os.makedirs(workdir, exist_ok=True)
   pin_config(config, workdir)
+  cache = compile_cache.enable(config.compile_cache)
   note(f"fanas_jax: workdir {workdir}; stages {', '.join(names)}; "
        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-       f"{jax.process_count()} process(es)")
+       f"{jax.process_count()} process(es); XLA compilation cache "
+       f"{cache or 'off'}")
   build = builder(config, workdir)
   results: dict[str, Any] = {}
   timings: dict[str, float] = {}

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fanas_jax import compile_cache
 from fanas_jax.checkpoint import StageCheckpointer
 from fanas_jax.logging_utils import MetricWriter, note, progress
 from fanas_jax.registry import ConfigError
@@ -430,8 +431,10 @@ def compile_step(step: Callable, stage: str, *example_args: Any) -> Callable:
   """
   note(f"[{stage}] compiling the step ...")
   t0 = time.time()
-  compiled = step.lower(*example_args).compile()
-  note(f"[{stage}] compiled in {time.time() - t0:.1f} s")
+  with compile_cache.counting_hits() as hits:
+    compiled = step.lower(*example_args).compile()
+  source = " (read from the XLA compilation cache)" if hits else ""
+  note(f"[{stage}] compiled in {time.time() - t0:.1f} s{source}")
   return compiled
 
 

@@ -297,3 +297,14 @@ def test_metrics_rewind_keeps_other_stages_and_drops_a_torn_line(tmp_path):
   writer.close()
   kept = [json.loads(line) for line in path.read_text().splitlines()]
   assert kept == [rows[0], rows[1], rows[3]] and writer.records == 1
+
+
+@pytest.mark.slow
+def test_a_run_with_another_seed_reads_its_search_step_from_the_cache(shared, tmp_path):
+  """Seeds and data are inputs of the compiled step, never constants in it."""
+  cache, _ = shared
+  output = Run(cache, str(tmp_path / "seed1"), "--config.stages=search_phase1",
+               "--config.seed=1").finish()
+  assert f"XLA compilation cache {cache}" in output
+  assert re.search(r"\[search_phase1\] compiled in [0-9.]+ s \(read from the XLA "
+                   r"compilation cache\)", output), output[-4000:]
