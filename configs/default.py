@@ -134,6 +134,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **evaluation(),
       evals=evals(),          # e.g. evals.val = dict(type='top1', split='test', every_epochs=5)
   ))
+  # Fine-tuning a trained network on another classification task (not in the default
+  # stages; the paper gives no recipe, this is the common one: SGD, cosine, a 10x head).
+  c.finetune = ml_collections.ConfigDict(dict(
+      pretrained="train",     # a stage of this workdir (train, retrieval), a
+                              # final_variables.msgpack (or a stage dir holding one), or
+                              # an orbax checkpoint step dir (RUN/train/checkpoints/STEP)
+      genotype="pretrained",  # the architecture the weights name; or a named genotype or
+                              # a genotype.json, which must match the weights
+      dataset="",             # '' = config.dataset; or a dataset name for this stage only
+      split="train", eval_split="test",
+      epochs=30, batch_size=56,
+      lr=0.01, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
+      warmup_epochs=0, warmup_from=1.0, lr_min_factor=0.0,
+      dropout=0.0, label_smoothing=0.0,
+      head_lr_mult=10.0,      # the new head's lr = head_lr_mult x lr
+      freeze_bn=False,        # True: the backbone's BN runs on (and keeps) its statistics
+      freeze=(),              # parts that do not move: 'stem', 'stage1', ..., 'stage5'
+      **augmentation(crop_padding=4, flip=True),
+      **evaluation(),
+      evals=evals(),
+  ))
   c.retrieval = ml_collections.ConfigDict(dict(
       dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train+test",

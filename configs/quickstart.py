@@ -35,6 +35,9 @@ def get_config(arg: str | None = None):
   c.retrieval.warmup_epochs = 1
   c.retrieval.flip = False
   c.retrieval.crop_padding = 1
+  c.finetune.epochs = 5
+  c.finetune.flip = False
+  c.finetune.crop_padding = 1
   if arg == "tiny":
     c.search_phase1.epochs = 1
     c.search_phase2.epochs = 1
@@ -45,6 +48,7 @@ def get_config(arg: str | None = None):
     c.retrieval.embed_dim = 16
     c.retrieval.epochs = 1
     c.retrieval.warmup_epochs = 0
+    c.finetune.epochs = 1
   elif arg:
     raise ValueError(f"Unknown quickstart variant {arg!r}; valid choices: tiny.")
   return c

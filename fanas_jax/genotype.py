@@ -148,6 +148,30 @@ def search_space_from_config(candidates: Any) -> SearchSpace:
   return SearchSpace(tuple(tuple(c) for c in cands))
 
 
+def genotype_from_file(path: str, key: str) -> Genotype:
+  """The genotype in a JSON file: a run's genotype.json (derive's or a search phase's
+  record, under 'genotype') or a bare {stageN: [op, op, op]}. A file that is missing,
+  not JSON, or not a genotype of registered ops fails in one line naming `key`."""
+  where = f"{key}={path!r}"
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{where}: no such genotype file (a genotype.json, a named genotype "
+                     f"({', '.join(sorted(NAMED_GENOTYPES))}) or 'searched').") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{where} does not read as JSON: {e}.") from None
+  if isinstance(record, dict) and "genotype" in record:
+    record = record["genotype"]
+  try:
+    if not isinstance(record, dict):
+      raise ValueError(f"expected {{stage1: [op, op, op], ...}}, got {type(record).__name__}")
+    genotype = Genotype.from_dict(record)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{where} is not a genotype: {e}") from None
+  return genotype
+
+
 def named_genotype(name: str) -> Genotype:
   if name not in NAMED_GENOTYPES:
     raise ValueError(f"Unknown genotype {name!r} (config key train.genotype); valid "

@@ -280,6 +280,7 @@ class Model(nn.Module):
   border: str = "zero_pad"
   relu_after_add: bool = False
   zero_init_residual: bool = False
+  frozen_bn: bool = False  # fine-tuning: the backbone's BN uses and keeps its statistics
 
   def setup(self):
     self.backbone = Backbone(self.layer_ops, self.width, self.stem, self.dtype,
@@ -288,7 +289,8 @@ class Model(nn.Module):
     self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
 
   def __call__(self, x, alphas=None, train: bool = False, op_mask=None, path=None):
-    return self.task_head(self.backbone(x, alphas, train, op_mask, path), train)
+    features = self.backbone(x, alphas, train and not self.frozen_bn, op_mask, path)
+    return self.task_head(features, train)
 
 
 def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
@@ -338,12 +340,15 @@ def model_options(model_config: Any) -> dict[str, Any]:
 def make_model(layer_ops: LayerOps, width: int, head: str, *, stem: str = "attention",
                dtype: Any = jnp.float32, attention_impl: str = "blocked",
                border: str = "zero_pad", relu_after_add: bool = False,
-               zero_init_residual: bool = False, **head_config) -> Model:
+               zero_init_residual: bool = False, frozen_bn: bool = False,
+               **head_config) -> Model:
   """The network of `layer_ops` (derived or supernet) with a task head.
 
   The defaults are the authors' network; relu_after_add, zero_init_residual and
-  border='mask' are the documented departures (see check_config).
+  border='mask' are the documented departures (see check_config). frozen_bn runs the
+  backbone's batch norms on their running statistics, also while training (the head
+  still trains, dropout included), and leaves those statistics as they are.
   """
   return Model(freeze_layer_ops(layer_ops), width, head,
                tuple(sorted(head_config.items())), stem, dtype, attention_impl,
-               border, relu_after_add, zero_init_residual)
+               border, relu_after_add, zero_init_residual, frozen_bn)

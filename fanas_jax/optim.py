@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -92,3 +93,27 @@ def train_optimizer(cfg: Any, steps_per_epoch: int,
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.add_decayed_weights(cfg.weight_decay),
       optax.sgd(train_schedule(cfg, steps_per_epoch, lr_scale), momentum=cfg.momentum))
+
+
+# Parameter groups of a fine-tuning run (`finetune_optimizer`'s labels).
+HEAD, BACKBONE, FROZEN = "head", "backbone", "frozen"
+
+
+def finetune_optimizer(cfg: Any, steps_per_epoch: int, labels: Any,
+                       lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """The training recipe with parameter groups, as PyTorch param groups give it.
+
+  labels: a pytree like the params of HEAD, BACKBONE or FROZEN leaves. FROZEN
+  parameters get no gradient, no weight decay and so no update (bitwise unchanged),
+  and take no part in the gradient clipping norm; HEAD parameters step with
+  cfg.head_lr_mult x the learning rate (SGD with momentum is linear in its input, so
+  scaling the head's updates is scaling its learning rate).
+  """
+  is_ = lambda group: jax.tree.map(lambda label: label == group, labels)
+  trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+  return optax.chain(
+      optax.masked(optax.set_to_zero(), is_(FROZEN)),
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.add_decayed_weights(cfg.weight_decay, mask=trainable),
+      optax.sgd(train_schedule(cfg, steps_per_epoch, lr_scale), momentum=cfg.momentum),
+      optax.masked(optax.scale(cfg.head_lr_mult), is_(HEAD)))

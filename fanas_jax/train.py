@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fanas_jax import checks, evaluators, parallel
-from fanas_jax.genotype import NAMED_GENOTYPES, Genotype, named_genotype, search_space_from_config
+from fanas_jax.genotype import (NAMED_GENOTYPES, Genotype, genotype_from_file, named_genotype,
+                               search_space_from_config)
 from fanas_jax.logging_utils import note, write_bytes
-from fanas_jax.loop import Rollback, StageRun, compile_step, peek
+from fanas_jax.loop import Rollback, compile_step, peek
 from fanas_jax.model import Model, make_model, model_options
 from fanas_jax.objectives import Objective, make_objective
 from fanas_jax.ops.layers import OPS
@@ -45,26 +46,41 @@ def _net(model: Model, objective: Objective, mesh: Any) -> Callable[[TrainState]
   return lambda state: evaluators.Net(infer, state, mesh, objective.head, objective)
 
 
-def _init_state(ctx: StageContext, model: Model, tx: Any, key: jax.Array) -> TrainState:
-  shape = (1, ctx.config.image_size, ctx.config.image_size,
-           ctx.build.spec(ctx.stage).channels)
-  variables = init_variables(model, key, shape)
+def input_shape(ctx: StageContext) -> tuple[int, int, int, int]:
+  return (1, ctx.config.image_size, ctx.config.image_size,
+          ctx.build.spec(ctx.stage).channels)
+
+
+def _init_state(ctx: StageContext, model: Model, tx: Any, key: jax.Array,
+                start: Callable[[dict[str, Any]], dict[str, Any]]) -> TrainState:
+  variables = start(init_variables(model, key, input_shape(ctx)))
   return ctx.build.replicate(TrainState(
       step=jnp.zeros((), jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
 
 
+def _fresh(variables: dict[str, Any]) -> dict[str, Any]:
+  return variables
+
+
 def fit(ctx: StageContext, model: Model, objective: Objective, data: Any,
-        final: Callable[[evaluators.Net], dict[str, float]]
+        final: Callable[[evaluators.Net], dict[str, float]],
+        start: Callable[[dict[str, Any]], dict[str, Any]] = _fresh,
+        optimizer: Callable[[int], Any] | None = None
         ) -> tuple[TrainState, dict[str, float]]:
   """Trains `model` on `data` with the stage's recipe (resuming from checkpoints),
-  then logs and returns `final(net)`, the stage's closing evaluation."""
+  then logs and returns `final(net)`, the stage's closing evaluation.
+
+  start(variables) maps the freshly initialised variables to those training starts
+  from (pretrained weights); optimizer(steps_per_epoch) replaces the stage's
+  `build.train_optimizer`.
+  """
   build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
   steps_per_epoch = build.steps_per_epoch(len(data), cfg.batch_size)
-  tx = build.train_optimizer(cfg, steps_per_epoch)
+  tx = (optimizer or (lambda steps: build.train_optimizer(cfg, steps)))(steps_per_epoch)
   it = build.train_iterator(stage, data, ctx.config.seed + zlib.crc32(stage.encode()) % 1000)
   k_init, k_steps = jax.random.split(build.stage_key(stage))
-  state = _init_state(ctx, model, tx, k_init)
+  state = _init_state(ctx, model, tx, k_init, start)
   step_fn = jax.jit(make_train_step(model, objective, tx), donate_argnums=0)
   net = _net(model, objective, build.mesh)
   evals = evaluators.Evals(cfg.get("evals"), build, stage)
@@ -121,7 +137,7 @@ def load_final_variables(workdir: str, stage: str) -> dict[str, Any]:
 
 DERIVED_GENOTYPE = Need("a derived genotype", ("derive",), "train.genotype='searched'",
                         ", or name a genotype (train.genotype: "
-                        f"{', '.join(sorted(NAMED_GENOTYPES))})")
+                        f"{', '.join(sorted(NAMED_GENOTYPES))} or a genotype.json)")
 
 
 def _genotype_needs(config: Any, stage: str) -> list[Need]:
@@ -129,9 +145,20 @@ def _genotype_needs(config: Any, stage: str) -> list[Need]:
   return [DERIVED_GENOTYPE] if config.train.genotype == "searched" else []
 
 
+def configured_genotype(value: str, key: str) -> Genotype | None:
+  """train.genotype as a Genotype: a named one, the file a path names, or None for
+  'searched' (the derived one, read when the stage runs)."""
+  if value == "searched":
+    return None
+  if value in NAMED_GENOTYPES:
+    return named_genotype(value)
+  return genotype_from_file(value, key)
+
+
 def _genotype(ctx: StageContext) -> Genotype:
-  if ctx.config.train.genotype != "searched":
-    return named_genotype(ctx.config.train.genotype)
+  genotype = configured_genotype(ctx.config.train.genotype, "train.genotype")
+  if genotype is not None:
+    return genotype
   _, derived = ctx.source(DERIVED_GENOTYPE)
   return Genotype.from_dict(derived["genotype"])
 
@@ -143,10 +170,10 @@ def _named_ops() -> set[str]:
 def check_config(config: Any, stage: str) -> None:
   """The data, the genotype to train, the batch, the width (for every op it may
   hold), evals; retrieval's classes."""
-  name = config.train.genotype
-  if name != "searched" and name not in NAMED_GENOTYPES:
-    raise ConfigError(f"Unknown train.genotype {name!r}; valid choices: searched, "
-                      f"{', '.join(sorted(NAMED_GENOTYPES))}.")
+  try:
+    configured_genotype(config.train.genotype, "train.genotype")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   cfg = config[stage]
   spec = checks.check_stage_data(config, stage, [cfg.split, cfg.get("eval_split", cfg.split)],
                                  evaluates=True)

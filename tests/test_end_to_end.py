@@ -93,6 +93,8 @@ def test_rerun_with_another_config_is_refused(finished_run):
     ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
     ("--config.derive.rule=exact", "valid choices: argmax, constrained, greedy"),
     ("--config.derive.max_params=1000", "No derivable network fits the budget"),
+    ("--config.train.genotype=runs/none/genotype.json",
+     "train.genotype='runs/none/genotype.json': no such genotype file"),
 ])
 def test_bad_input_fails_before_compute_with_one_line(tmp_path, override, message):
   proc = _run(str(tmp_path / "w"), override)

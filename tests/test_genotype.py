@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fanas_jax.genotype import NAMED_GENOTYPES, DeriveLimits, Genotype
+from fanas_jax.genotype import (NAMED_GENOTYPES, DeriveLimits, Genotype, genotype_from_file,
+                               named_genotype)
 from fanas_jax.plots import op_family, plot_genotype
 from fanas_jax.ops.layers import OPS
 
@@ -140,3 +141,34 @@ def test_plot_genotype_colours_boxes_by_family(tmp_path):
   assert shows(global_colour)  # The nonlocal of stage 5.
   unused = [c for c in tab10[3:] if c != global_colour]
   assert not any(shows(c) for c in unused)
+
+
+def test_genotype_files_read_as_run_records_or_bare_genotypes(tmp_path):
+  original = named_genotype("original")
+  (tmp_path / "record.json").write_text(json.dumps(
+      {"genotype": original.to_dict(), "rule": "constrained", "alphas": {}}))
+  (tmp_path / "bare.json").write_text(original.to_json())
+  for name in ("record.json", "bare.json"):
+    assert genotype_from_file(str(tmp_path / name), "train.genotype") == original
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such genotype file"),
+    ("{not json", "does not read as JSON"),
+    ("[1, 2]", "is not a genotype: expected {stage1"),
+    ('{"stage1": ["local3_h4"]}', "is not a genotype: A genotype has the keys"),
+    ("BAD_OP", "is not a genotype: Unknown attention op 'conv3'"),
+])
+def test_bad_genotype_files_fail_in_one_line_naming_the_key(tmp_path, content, message):
+  path = tmp_path / "g.json"
+  if content == "BAD_OP":
+    d = named_genotype("original").to_dict()
+    d["stage3"] = ["conv3", "local3_h4", "local3_h4"]
+    content = json.dumps({"genotype": d})
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(ValueError) as error:
+    genotype_from_file(str(path), "finetune.genotype")
+  text = str(error.value)
+  assert "\n" not in text and text.startswith(f"finetune.genotype={str(path)!r}")
+  assert message in text

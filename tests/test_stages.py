@@ -29,7 +29,8 @@ def _finish(workdir, stage, result):
 
 
 def test_every_pipeline_stage_is_registered():
-  assert STAGES.names() == ["derive", "retrieval", "search_phase1", "search_phase2", "train"]
+  assert STAGES.names() == ["derive", "finetune", "retrieval", "search_phase1", "search_phase2",
+                           "train"]
   with pytest.raises(ConfigError, match="Unknown stage 'trian' in config key stages; valid "
                      "choices: derive, retrieval, search_phase1, search_phase2, train"):
     validate(_config("trian"))
@@ -42,7 +43,8 @@ def test_train_before_anything_that_derives_is_refused_in_one_line(tmp_path):
   assert "\n" not in message
   assert message.startswith("stage train needs a derived genotype from derive "
                             "(train.genotype='searched')")
-  assert "put derive before train, or name a genotype (train.genotype: original)" in message
+  assert ("put derive before train, or name a genotype (train.genotype: original or a "
+          "genotype.json)") in message
   validate(_config("train,search_phase1"))  # Without a workdir only the keys are checked.
 
 
