@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import default
+from fanas_jax.builders import Builder
 from fanas_jax.data import archives, cifar, datasets, imagenet, pipeline, prepare
 from fanas_jax.data.archives import ArchiveError
 from tests import fake_archives
@@ -173,8 +175,13 @@ def test_caltech_birds_splits_labels_and_pixels(tmp_path_factory):
   assert names["label"].names[149] == "Bird_Number_150"
 
 
-def test_cars_splits_labels_and_pixels(tmp_path_factory):
-  data_dir, expected = _build(tmp_path_factory, "cars196", fake_archives.cars)
+@pytest.fixture(scope="module")
+def cars(tmp_path_factory):
+  return _build(tmp_path_factory, "cars196", fake_archives.cars)
+
+
+def test_cars_splits_labels_and_pixels(cars):
+  data_dir, expected = cars
   for split in ("train", "test"):
     records = _records("cars196", split, data_dir)
     raw = _raw("cars196", split, data_dir)
@@ -187,6 +194,21 @@ def test_cars_splits_labels_and_pixels(tmp_path_factory):
       _assert_same_pixels(read["image"], pixels, exact=stem != "000003")
   names = prepare.BUILDERS.get("cars196")(data_dir=data_dir).info.features["label"].names
   assert names[195] == "Maker Model 195 2012"
+
+
+def test_stages_read_a_prepared_dataset_through_the_builder(cars, tmp_path):
+  data_dir, expected = cars
+  config = default.get_config()
+  config.dataset, config.data_dir, config.image_size = "cars196", data_dir, 16
+  config.eval_batch_size = 4
+  builder = Builder(config, str(tmp_path))
+  ds = builder.load_split("train", "test")
+  batches = list(builder.eval_batches("train", ds))
+  images = np.concatenate([b["image"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+  assert images.shape[1:] == (16, 16, 3) and mask.sum() == len(expected["test"])
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  assert sorted(labels.tolist()) == sorted(label for label, _, _ in expected["test"])
 
 
 def test_aircraft_crops_the_banner(tmp_path_factory):
@@ -204,7 +226,8 @@ def test_aircraft_crops_the_banner(tmp_path_factory):
       assert read["label"] == label
       assert read["image"].shape == (full.shape[0] - 20, full.shape[1], 3)
       _assert_same_pixels(read["image"], full[:-20], exact=False)
-  names = prepare.BUILDERS.get("fgvc_aircraft")(data_dir=data_dir).info.features["label"].names
+  info = prepare.BUILDERS.get("fgvc_aircraft")(data_dir=data_dir).info
+  names = info.features["label"].names
   assert names == fake_archives.AIRCRAFT_VARIANTS
 
 
@@ -297,6 +320,20 @@ def test_missing_archive_names_file_url_and_dir(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: Missing car_ims.tgz for dataset 'cars196': ")
   assert "\n" not in err and "car_ims.tgz and put it in" in err
+
+
+def test_prepare_command_says_where_the_files_went(cars, tmp_path, capsys):
+  data_dir, _ = cars
+  manual = str(tmp_path / "manual")
+  os.makedirs(manual)
+  fake_archives.cars(manual)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert prepare.main(["cars196", f"--manual_dir={manual}",
+                         f"--data_dir={data_dir}"]) == 0
+  out = capsys.readouterr().out.strip()
+  assert out == (f"[data] cars196 2.1.0 is in {data_dir}/cars196/2.1.0 "
+                 "(test 3, train 3)")
 
 
 def test_unknown_dataset_lists_the_builders(tmp_path):

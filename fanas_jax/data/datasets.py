@@ -131,7 +131,7 @@ DATASETS.add("cifar10", _tfds_spec(
     class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                  "horse", "ship", "truck")))
 
-# Statistics of CIFAR-100's train split, as published with it in common use.
+# Statistics of CIFAR-100's 50,000 train images (the values in common use).
 DATASETS.add("cifar100", _tfds_spec(
     "cifar100", "3.0.2", num_classes=100, channels=3, native_size=32,
     mean=(0.50707516, 0.48654887, 0.44091784),
