@@ -320,6 +320,14 @@ def test_missing_archive_names_file_url_and_dir(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: Missing car_ims.tgz for dataset 'cars196': ")
   assert "\n" not in err and "car_ims.tgz and put it in" in err
+  (tmp_path / "Stanford_Online_Products.zip").write_bytes(b"x")
+  assert prepare.main(["stanford_online_products", f"--manual_dir={tmp_path}",
+                       f"--data_dir={tmp_path / 'data'}"]) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: {tmp_path}/Stanford_Online_Products.zip: size 1 bytes differs from "
+      "the official Stanford_Online_Products.zip (3083860082 bytes).",
+      f"error: Corrupt archive {tmp_path}/Stanford_Online_Products.zip: File is not "
+      "a zip file"]
 
 
 def test_prepare_command_says_where_the_files_went(cars, tmp_path, capsys):
@@ -337,7 +345,7 @@ def test_prepare_command_says_where_the_files_went(cars, tmp_path, capsys):
 
 
 def test_unknown_dataset_lists_the_builders(tmp_path):
-  with pytest.raises(ValueError, match=r"Unknown dataset with a builder 'cub' "
+  with pytest.raises(ValueError, match=r"Unknown preparable dataset 'cub' "
                      r"\(config key NAME\); valid choices: caltech_birds2011, "
                      r"cars196, cifar10, cifar100, fgvc_aircraft, imagenet100_32"):
     prepare.prepare("cub", str(tmp_path))
@@ -371,6 +379,34 @@ def test_corrupt_image_member_is_named(tmp_path):
   message = str(info.value)
   assert "\n" not in message and message.startswith(
       f"Corrupt image {zip_path}:Stanford_Online_Products/kind1_final/1_1.JPG: ")
+
+
+def _replace_member(path: str, member: str, data: bytes) -> None:
+  members = dict(archives.iter_tar(path))
+  assert member in members
+  fake_archives.write_tar(path, {**members, member: data})
+
+
+def test_corrupt_image_in_a_tar_is_named(tmp_path):
+  expected = fake_archives.cub(str(tmp_path))
+  path = str(tmp_path / "CUB_200_2011.tgz")
+  member = expected["test"][0][1]
+  _replace_member(path, member, b"\xff\xd8\xff\xe0 truncated jpeg")
+  with pytest.raises(ArchiveError, match=f"^Corrupt image {re.escape(path)}:"
+                     f"{re.escape(member)}: "):
+    _prepare_from(str(tmp_path), "caltech_birds2011", str(tmp_path / "d"))
+
+
+def test_corrupt_image_in_a_nested_imagenet_tar_is_named(tmp_path):
+  fake_archives.imagenet(str(tmp_path), ["n01440764"], [1])
+  path = str(tmp_path / "ILSVRC2012_img_train.tar")
+  inner = fake_archives.write_tar(str(tmp_path / "inner.tar"),
+                                  {"n01440764_10.JPEG": b"not a jpeg"})
+  with open(inner, "rb") as f:
+    _replace_member(path, "n01440764.tar", f.read())
+  with pytest.raises(ArchiveError, match=f"^Corrupt image {re.escape(path)}:"
+                     r"n01440764\.tar:n01440764_10\.JPEG: "):
+    _prepare_from(str(tmp_path), "imagenet2012", str(tmp_path / "d"))
 
 
 def test_corrupt_annotation_is_named(tmp_path):

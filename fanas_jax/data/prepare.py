@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from fanas_jax.data import cifar
@@ -22,7 +23,7 @@ from fanas_jax.data.archives import ArchiveError
 from fanas_jax.registry import ConfigError, Registry
 
 BUILDERS: Registry[type[manual_builder.ManualBuilder]] = Registry(
-    "dataset with a builder")
+    "preparable dataset")
 for _cls in (cifar.Cifar10, cifar.Cifar100, fine_grained.CaltechBirds2011,
              fine_grained.Cars196, fine_grained.FgvcAircraft,
              fine_grained.StanfordOnlineProducts, imagenet.Imagenet2012,
@@ -53,14 +54,21 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _warn_in_one_line(message: Warning | str, *args: object, **kwargs: object) -> None:
+  del args, kwargs  # Where the warning came from says nothing to a user.
+  print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str]) -> int:
   """Runs the command; a bad name or archive is one line on stderr, exit 1."""
   args = _parse(argv)
-  try:
-    builder = prepare(args.name, args.manual_dir, args.data_dir, not args.noverify)
-  except (ArchiveError, ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  with warnings.catch_warnings():
+    warnings.showwarning = _warn_in_one_line
+    try:
+      builder = prepare(args.name, args.manual_dir, args.data_dir, not args.noverify)
+    except (ArchiveError, ConfigError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
   sizes = ", ".join(f"{split} {info.num_examples}"
                     for split, info in sorted(builder.info.splits.items()))
   print(f"[data] {args.name} {builder.version} is in {builder.data_dir} ({sizes})")
