@@ -88,7 +88,8 @@ def test_rerun_with_another_config_is_refused(finished_run):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.trian.epochs=2", "unknown config key 'trian'"),
-    ("--config.dataset=cifar", "valid choices: cifar10, imagenet100_32, imagenet2012, sklearn_digits"),
+    ("--config.dataset=cifar", "valid choices: caltech_birds2011, cars196, cifar10, cifar100, "
+     "fgvc_aircraft, imagenet100_32, imagenet2012, sklearn_digits, stanford_online_products"),
     ("--config.search.candidates=('local3_h4','conv3')", "valid choices: axial_h4"),
     ("--config.image_size=10", "image_size=10 cannot pass through the 5-stage network"),
     ("--config.derive.rule=exact", "valid choices: argmax, constrained, greedy"),

@@ -4,9 +4,12 @@ Besides the registered names, "folder:/path/to/ROOT" names a user image folder
 (see image_folder.py). Every stage reads `stage_dataset(config, stage)`, so the
 search's phase 1, its phase 2 and training can read different datasets.
 
-The paper's datasets (cifar10, imagenet2012, imagenet100_32) are read with
-`tfds.data_source` from a TFDS data dir that already holds them in ArrayRecord
-format; nothing downloads them here.
+The paper's datasets (cifar10, cifar100, imagenet2012, imagenet100_32,
+caltech_birds2011, cars196, fgvc_aircraft, stanford_online_products) are read
+with `tfds.data_source` from a TFDS data dir that holds them in ArrayRecord
+format, prepared once from the official archives by
+`python -m fanas_jax.data.prepare NAME --manual_dir=DIR` (or by TFDS itself);
+reading never downloads anything.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class DatasetSpec:
     tfds_version: the TFDS version read ('' = the newest on disk).
     id_key: a feature naming the example (file name, id) for error messages;
       '' if none.
+    label_key: the feature read as the label.
   """
   name: str
   tfds_name: str
@@ -60,6 +64,7 @@ class DatasetSpec:
   open_split: Callable[[str], Any] | None = None
   tfds_version: str = ""
   id_key: str = ""
+  label_key: str = "label"
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -89,24 +94,28 @@ class DatasetNotPreparedError(ValueError):
 class _RequirePrepared:
   """`prepare` of a dataset that must already be in the data dir (ArrayRecord).
 
-  Preparing it from the official archives is a separate step, so a missing
-  copy fails with one line naming the dataset and the directory looked in.
+  Preparing it from the official archives is a separate command, so a missing
+  copy fails with one line naming the dataset, the directory looked in and the
+  command that prepares it.
   """
   tfds_name: str
   version: str
 
   def __call__(self, data_dir: str) -> None:
     where = os.path.join(data_dir, self.tfds_name, self.version)
+    command = (f"python -m fanas_jax.data.prepare {self.tfds_name} "
+               f"--manual_dir=DIR_OF_ARCHIVES --data_dir={data_dir}")
     if not os.path.exists(os.path.join(where, "dataset_info.json")):
       raise DatasetNotPreparedError(
           f"Dataset {self.tfds_name!r} {self.version} is not prepared in "
-          f"{where}: it must be prepared first (TFDS, file_format="
-          "'array_record'; set data_dir or $TFDS_DATA_DIR to its data dir).")
+          f"{where}: it must be prepared first with `{command}` (or by TFDS "
+          "with file_format='array_record'; set data_dir or $TFDS_DATA_DIR to "
+          "its data dir).")
     if not glob.glob(os.path.join(where, "*.array_record*")):
       raise DatasetNotPreparedError(
           f"Dataset {self.tfds_name!r} {self.version} in {where} has no "
-          "ArrayRecord files: it must be prepared first with file_format="
-          "'array_record' (random access needs it).")
+          "ArrayRecord files: it must be prepared first with "
+          f"`{command}` (random access needs ArrayRecord).")
 
 
 def _tfds_spec(name: str, version: str, **facts: Any) -> DatasetSpec:
@@ -118,7 +127,38 @@ DATASETS.add("cifar10", _tfds_spec(
     "cifar10", "3.0.2", num_classes=10, channels=3, native_size=32,
     mean=(0.49139968, 0.48215827, 0.44653124),
     std=(0.24703233, 0.24348505, 0.26158768),
+    splits=("train", "test"), id_key="id",
+    class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                 "horse", "ship", "truck")))
+
+# Statistics of CIFAR-100's 50,000 train images (the values in common use).
+DATASETS.add("cifar100", _tfds_spec(
+    "cifar100", "3.0.2", num_classes=100, channels=3, native_size=32,
+    mean=(0.50707516, 0.48654887, 0.44091784),
+    std=(0.26733429, 0.25643846, 0.27615047),
     splits=("train", "test"), id_key="id"))
+
+# The fine-grained and retrieval datasets are natural photos of varying size:
+# they use ImageNet's statistics, as the networks fine-tuned on them do.
+DATASETS.add("caltech_birds2011", _tfds_spec(
+    "caltech_birds2011", "0.2.0", num_classes=200, channels=3, native_size=0,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, splits=("train", "test"),
+    id_key="image/filename"))
+
+DATASETS.add("cars196", _tfds_spec(
+    "cars196", "2.1.0", num_classes=196, channels=3, native_size=0,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, splits=("train", "test"), id_key="id"))
+
+DATASETS.add("fgvc_aircraft", _tfds_spec(
+    "fgvc_aircraft", "1.0.0", num_classes=100, channels=3, native_size=0,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, splits=("trainval", "test"),
+    id_key="id"))
+
+# Labelled by product ('class_id'), as retrieval uses it.
+DATASETS.add("stanford_online_products", _tfds_spec(
+    "stanford_online_products", "1.0.0", num_classes=22634, channels=3,
+    native_size=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    splits=("train", "test"), label_key="class_id"))
 
 DATASETS.add("imagenet2012", _tfds_spec(
     "imagenet2012", "5.1.0", num_classes=1000, channels=3, native_size=0,

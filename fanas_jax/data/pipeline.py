@@ -83,6 +83,7 @@ class _CheckedReader:
   native_size: int
   skip: bool
   id_key: str = ""
+  label_key: str = "label"
 
   def __call__(self, i: int) -> Record | None:
     try:
@@ -106,7 +107,7 @@ class _CheckedReader:
       name = name.decode() if isinstance(name, bytes) else name
       culprit += f" ({self.id_key} {name})"
     image = np.asarray(example["image"])
-    label = int(example["label"])
+    label = int(example[self.label_key])
     size = self.native_size
     if image.ndim != 3 or image.shape[-1] != self.channels or (
         size and image.shape[:2] != (size, size)):
@@ -170,7 +171,7 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
   source = _open(spec, split, data_dir)
   ds = grain.MapDataset.range(len(source)).map(_CheckedReader(
       source, dataset, split, spec.num_classes, spec.channels,
-      spec.native_size, bad_examples == "skip", spec.id_key))
+      spec.native_size, bad_examples == "skip", spec.id_key, spec.label_key))
   if classes is not None:
     classes = [int(c) for c in classes]
     if len(set(classes)) != len(classes) or not all(
@@ -180,7 +181,7 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
           f"dataset {dataset!r}; got {classes}.")
     labels = getattr(source, "labels", None)
     if labels is None:
-      labels = np.fromiter((source[i]["label"] for i in range(len(source))),
+      labels = np.fromiter((source[i][spec.label_key] for i in range(len(source))),
                            dtype=np.int64, count=len(source))
     ds = _take(ds, np.flatnonzero(np.isin(labels, classes)))
     if relabel:
