@@ -32,7 +32,7 @@ def test_every_pipeline_stage_is_registered():
   assert STAGES.names() == ["derive", "finetune", "retrieval", "search_phase1", "search_phase2",
                            "train"]
   with pytest.raises(ConfigError, match="Unknown stage 'trian' in config key stages; valid "
-                     "choices: derive, retrieval, search_phase1, search_phase2, train"):
+                     "choices: derive, finetune, retrieval, search_phase1, search_phase2, train"):
     validate(_config("trian"))
 
 
