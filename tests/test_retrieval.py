@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from fanas_jax import retrieval
+from configs import quickstart
+from fanas_jax import experiment, retrieval
+from fanas_jax.config_checks import validate
 from fanas_jax.objectives import make_objective, multi_similarity_loss
 from fanas_jax.registry import ConfigError
 
@@ -262,3 +264,34 @@ def test_bad_input_is_one_line_before_compute(call, message):
   x = np.random.default_rng(14).normal(size=(10, 3))
   with pytest.raises(ValueError, match=message):
     call(x)
+
+
+def _retrieval_config(**retrieval_options):
+  c = quickstart.get_config("tiny")
+  c.stages = "retrieval"
+  c.train.genotype = "original"
+  c.retrieval.update(retrieval_options)
+  return c
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(train_classes=(0, 1, 2), test_classes=(2, 3)),
+     "retrieval.train_classes and retrieval.test_classes overlap in 1 class(es) (first: "
+     "[2]); zero-shot retrieval needs disjoint classes."),
+    (dict(loss="triplet"), "retrieval.loss='triplet' is not a metric-learning loss; "
+     "valid choices: proxy_anchor, multi_similarity."),
+])
+def test_bad_retrieval_config_is_one_line(options, message):
+  with pytest.raises(ConfigError) as error:
+    validate(_retrieval_config(**options))
+  assert str(error.value) == message
+
+
+@pytest.mark.slow
+def test_retrieval_stage_with_multi_similarity_reports_every_metric(tmp_path):
+  c = _retrieval_config(loss="multi_similarity", epochs=1)
+  result = experiment.run(c, str(tmp_path))
+  r = result["retrieval"]
+  assert r["loss"] == "multi_similarity" and set(r["recall"]) == {"1", "2", "4", "8"}
+  assert 0 < r["map_at_r"] <= 1 and 0 <= r["nmi"] <= 1
+  assert list(r["recall"].values()) == sorted(r["recall"].values())
