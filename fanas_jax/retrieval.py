@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,19 +94,13 @@ def _topk_on_mesh(qblocks, qids, qvalid, gblocks, gids, gvalid, k: int, n: int,
           jnp.where(keep, index.reshape(-1, k)[:n], -1))
 
 
-def blockwise_topk(queries: Any, gallery: Any, k: int, block: int = 1024, *,
-                   gallery_block: int = 0, query_mask: Any = None,
-                   gallery_mask: Any = None, exclude_self: bool = False,
-                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-  """Exact top-k cosine neighbours of every query: (similarities, indices), [Nq, k].
-
-  Embeddings are L2-normalised here. `block` queries at a time run against
-  `gallery_block` gallery rows at a time (0: the whole gallery), so the devices hold
-  O(block x gallery_block) similarities, never Nq x Ng. Query blocks are sharded
-  over `mesh` (default: all devices). With `exclude_self` the queries are the
-  gallery and query i never retrieves gallery row i. Rows with mask 0 are never
-  neighbours; their own rows come back as -inf / -1. Ties: the lower index first.
-  """
+def topk_call(queries: Any, gallery: Any, k: int, block: int = 1024, *,
+              gallery_block: int = 0, query_mask: Any = None, gallery_mask: Any = None,
+              exclude_self: bool = False, mesh: Mesh | None = None
+              ) -> tuple[Callable[..., tuple[jax.Array, jax.Array]], list[jax.Array]]:
+  """(fn, args): `fn(*args)` is blockwise_topk's result, its inputs already padded
+  and placed on the devices, so a benchmark can compile and time the device part
+  alone. Bad input is refused here, before any compute."""
   queries, gallery = np.asarray(queries, np.float32), np.asarray(gallery, np.float32)
   q_mask, g_mask = _mask(query_mask, len(queries)), _mask(gallery_mask, len(gallery))
   if exclude_self and len(queries) != len(gallery):
@@ -128,8 +122,47 @@ def blockwise_topk(queries: Any, gallery: Any, k: int, block: int = 1024, *,
           (_pad_blocks(_normalized(gallery), g_block, g_blocks, 0.0), rep),
           (_pad_blocks(np.arange(len(gallery), dtype=np.int32), g_block, g_blocks, -1), rep),
           (_pad_blocks(g_mask, g_block, g_blocks, False), rep)]
-  args = [jax.device_put(a, s) for a, s in args]
-  return _topk_on_mesh(*args, k=k, n=len(queries), mesh=mesh)
+  fn = functools.partial(_topk_on_mesh, k=k, n=len(queries), mesh=mesh)
+  return fn, [jax.device_put(x, s) for x, s in args]
+
+
+def blockwise_topk(queries: Any, gallery: Any, k: int, block: int = 1024, *,
+                   gallery_block: int = 0, query_mask: Any = None,
+                   gallery_mask: Any = None, exclude_self: bool = False,
+                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k cosine neighbours of every query: (similarities, indices), [Nq, k].
+
+  Embeddings are L2-normalised here. `block` queries at a time run against
+  `gallery_block` gallery rows at a time (0: the whole gallery), so the devices hold
+  O(block x gallery_block) similarities, never Nq x Ng. Query blocks are sharded
+  over `mesh` (default: all devices). With `exclude_self` the queries are the
+  gallery and query i never retrieves gallery row i. Rows with mask 0 are never
+  neighbours; their own rows come back as -inf / -1. Ties: the lower index first.
+  """
+  fn, args = topk_call(queries, gallery, k, block, gallery_block=gallery_block,
+                       query_mask=query_mask, gallery_mask=gallery_mask,
+                       exclude_self=exclude_self, mesh=mesh)
+  return fn(*args)
+
+
+def topk_memory_bytes(n_queries: int, n_gallery: int, dim: int, k: int, block: int,
+                      gallery_block: int = 0, devices: int = 1) -> dict[str, int]:
+  """Bytes the blockwise top-k holds per device, from the shapes (float32, int32).
+
+  'block_working': one query block's similarities (block x gallery_block), its
+  candidates (block x (k + gallery_block), scores and indices) and running top-k:
+  O(block x N) with the whole gallery as one block. 'inputs' and 'outputs' are the
+  embeddings and this device's share of the [Nq, k] result. 'full_matrix' is the
+  Nq x Ng similarity matrix that is never built, for comparison.
+  """
+  g = min(gallery_block or n_gallery, n_gallery)
+  local_queries = -(-n_queries // (block * devices)) * block
+  n_gallery_padded = -(-n_gallery // g) * g
+  working = 4 * block * (g + 2 * (k + g) + 2 * k)
+  inputs = 4 * (local_queries * (dim + 2) + n_gallery_padded * (dim + 2))
+  outputs = 8 * local_queries * k
+  return {"block_working": working, "inputs": inputs, "outputs": outputs,
+          "total": working + inputs + outputs, "full_matrix": 4 * n_queries * n_gallery}
 
 
 def same_class_counts(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
