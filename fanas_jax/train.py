@@ -4,9 +4,10 @@ train and retrieval.
 `train` trains the derived network with a classifier head and reports test top-1.
 `retrieval` trains it with an L2-normalised embedding head and the proxy-anchor
 (or multi-similarity) loss on the training classes only, then reports Recall@K,
-MAP@R and the NMI of k-means on the held-out classes (zero-shot retrieval). Both leave the trained variables in
-workdir/<stage>/final_variables.msgpack (and the last checkpoint in checkpoints/),
-and run the evaluations their `evals` config names after the epochs it asks for.
+MAP@R and the NMI of k-means on the held-out classes (zero-shot retrieval). Both
+leave the trained variables in workdir/<stage>/final_variables.msgpack (and the
+last checkpoint in checkpoints/), and run the evaluations their `evals` config
+names after the epochs it asks for.
 """
 from __future__ import annotations
 
@@ -220,8 +221,8 @@ def _retrieval_summary(config: Any, workdir: str, stage: str,
           f"- train classes {r['train_classes']}, test classes {r['test_classes']} "
           f"({r['test_examples']} test images)",
           "- " + ", ".join(f"Recall@{k}: **{v:.4f}**" for k, v in r["recall"].items()),
-          f"- MAP@R: **{r['map_at_r']:.4f}**, NMI: **{r['nmi']:.4f}** "
-          f"({r.get('loss', 'proxy_anchor')} loss)", ""]
+          *([f"- MAP@R: **{r['map_at_r']:.4f}**, NMI: **{r['nmi']:.4f}** ({r['loss']} "
+             "loss)"] if "map_at_r" in r else []), ""]
 
 
 @register_stage("retrieval", needs=_genotype_needs, check_config=check_config,
