@@ -159,7 +159,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train+test",
       train_classes=tuple(range(0, 5)), test_classes=tuple(range(5, 10)),
-      embed_dim=512, pa_alpha=32.0, pa_margin=0.1, recall_ks=(1, 2, 4, 8),
+      embed_dim=512, recall_ks=(1, 2, 4, 8),
+      loss="proxy_anchor",    # or 'multi_similarity'
+      pa_alpha=32.0, pa_margin=0.1,   # proxy-anchor (Kim et al. 2020)
+      # multi-similarity (Wang et al. 2019): alpha, beta, lambda (base), mining epsilon
+      ms_alpha=2.0, ms_beta=50.0, ms_base=0.5, ms_epsilon=0.1,
       epochs=100, batch_size=56,
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
       warmup_epochs=5, warmup_from=0.3, lr_min_factor=1e-4,  # as in train

@@ -4,6 +4,7 @@
     python -m fanas_jax.benchmark --suite=ops --json=ops.json
     python -m fanas_jax.benchmark --suite=nets --nets=cifar,search
     python -m fanas_jax.benchmark --suite=nets,input --nets=cifar   # who limits whom
+    python -m fanas_jax.benchmark --suite=retrieval    # top-k at SOP size, 60,502 x 512
 
 The ops suite times forward+backward of every attention core at one stage shape
 (default batch 64, 28x28, 256 channels, 8 heads, bfloat16): global attention
@@ -17,7 +18,12 @@ plain weight step of the same supernet. Network steps run data-parallel on a
 `--search_batch` images per device, and report img/s per device. The input suite
 times the real input pipeline (grain over TFDS or an image folder, with
 augmentation) at the nets' global batch and resolution, so its img/s stands beside
-the steps' and the table says which one limits a run.
+the steps' and the table says which one limits a run. The retrieval suite times
+the exact blockwise top-k of zero-shot retrieval (fanas_jax.retrieval; default at
+Stanford Online Products size, 60,502 x 512 queried against itself with K=1000)
+at each `--retrieval_blocks` query block, on all devices, beside the bytes it
+holds per device computed from the shapes (O(block x N), never N x N) and the
+device's own peak where it reports one.
 
 Times are medians of `--iters` calls after `--warmup` calls. The ops and nets
 suites use synthetic in-memory inputs, so they need no dataset (and none of grain,
@@ -39,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fanas_jax import cost, parallel, steps
+from fanas_jax import cost, parallel, retrieval, steps
 from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
 from fanas_jax.model import DTYPES, make_model
 from fanas_jax.objectives import make_objective
@@ -50,6 +56,7 @@ from fanas_jax.ops.attention import IMPLEMENTATIONS, default_backend
 PEAK_FLOPS_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
                     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
 NETS = ("cifar", "imagenet", "search")
+SUITES = ("ops", "nets", "input", "retrieval")
 INPUT_MIN_BATCHES = 50
 
 
@@ -273,6 +280,52 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
   return rows
 
 
+def _device_peak_mib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
+
+
+def retrieval_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  """The blockwise top-k of every example against all the others (itself
+  excluded), one row per query block: time, queries/s, analytic bytes per device,
+  XLA's memory account of the compiled function, and the device's peak."""
+  n, dim, k = a.retrieval_n, a.retrieval_dim, a.retrieval_k
+  x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+  mesh = parallel.make_mesh(a.devices)
+  rows = []
+  for block in a.retrieval_blocks:
+    fn, args = retrieval.topk_call(x, x, k, block, gallery_block=a.retrieval_gallery_block,
+                                   exclude_self=True, mesh=mesh)
+    result = measure(fn, args, a.iters, a.warmup)
+    bound = retrieval.topk_memory_bytes(n, n, dim, k, block, a.retrieval_gallery_block,
+                                        mesh.size)
+    rows.append(dict(
+        name=f"top-{k} of {n} x {dim}, block {block}", kind="retrieval", n=n, dim=dim,
+        k=k, block=block, gallery_block=a.retrieval_gallery_block or n, devices=mesh.size,
+        queries_per_s=n / (result["median_ms"] / 1e3),
+        tflops=2 * n * n * dim / (result["median_ms"] / 1e3) / 1e12,
+        bound_mib={key: v / 2**20 for key, v in bound.items()},
+        device_peak_mib=_device_peak_mib(), **result))
+  return rows
+
+
+def retrieval_table(rows: list[dict[str, Any]]) -> str:
+  head = (f"{'retrieval top-k':40s} {'median ms':>10s} {'queries/s':>10s} {'TFLOP/s':>8s} "
+          f"{'block MiB':>9s} {'bound MiB':>9s} {'XLA MiB':>8s} {'peak MiB':>9s} "
+          f"{'NxN MiB':>9s} {'compile s':>9s}")
+  lines = [head, "-" * len(head)]
+  fmt = lambda v, width: f"{'-' if v is None else format(v, '.1f'):>{width}s}"
+  for r in rows:
+    b = r["bound_mib"]
+    lines.append(
+        f"{r['name']:40s} {r['median_ms']:10.1f} {r['queries_per_s']:10.0f} "
+        f"{r['tflops']:8.3f} {b['block_working']:9.1f} {b['total']:9.1f} "
+        f"{fmt(r['memory_mib'], 8)} {fmt(r['device_peak_mib'], 9)} "
+        f"{b['full_matrix']:9.1f} {r['compile_s']:9.1f}")
+  return "\n".join(lines)
+
+
 def _input_limits(rows: list[dict[str, Any]]) -> None:
   """Each step row gets the input pipeline's img/s at its resolution, and the ratio:
   input_vs_step < 1 means the pipeline, not the step, limits a run."""
@@ -316,7 +369,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("--suite", default="ops,nets", help="ops, nets, input (comma list)")
+  p.add_argument("--suite", default="ops,nets",
+                 help="ops, nets, input, retrieval (comma list)")
   p.add_argument("--devices", type=int, default=0,
                  help="data-parallel devices for the nets suite (0: all)")
   p.add_argument("--batch", type=int, default=64)
@@ -345,6 +399,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="input suite resolutions (default: those of --nets)")
   p.add_argument("--input_workers", type=int, default=0,
                  help="grain worker processes of the input suite")
+  p.add_argument("--retrieval_n", type=int, default=60502,
+                 help="retrieval suite: examples querying each other (SOP test: 60,502)")
+  p.add_argument("--retrieval_dim", type=int, default=512)
+  p.add_argument("--retrieval_k", type=int, default=1000, help="neighbours per query")
+  p.add_argument("--retrieval_blocks", default="256,1024", help="query blocks to time")
+  p.add_argument("--retrieval_gallery_block", type=int, default=0,
+                 help="gallery rows per step of the running top-k (0: all)")
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--json", default="", help="also write the results here")
@@ -354,8 +415,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       split(x) for x in (a.suite, a.impls, a.nets, a.modules, a.search_modes,
                          a.search_ops))
   problems = []
-  if not a.suite or set(a.suite) - {"ops", "nets", "input"}:
-    problems.append(f"--suite takes ops, nets and/or input, got {a.suite}")
+  if not a.suite or set(a.suite) - set(SUITES):
+    problems.append(f"--suite takes ops, nets, input and/or retrieval, got {a.suite}")
+  try:
+    a.retrieval_blocks = [int(x) for x in split(a.retrieval_blocks)]
+  except ValueError:
+    problems.append(f"--retrieval_blocks takes integers, got {a.retrieval_blocks!r}")
+  else:
+    if not a.retrieval_blocks or min(a.retrieval_blocks) < 1:
+      problems.append(f"--retrieval_blocks takes positive integers, got {a.retrieval_blocks}")
+  if not 1 <= a.retrieval_k < a.retrieval_n:
+    problems.append(f"--retrieval_k {a.retrieval_k} must be 1 to --retrieval_n - 1 "
+                    f"({a.retrieval_n - 1}): each query ranks the other examples")
+  if a.retrieval_gallery_block < 0:
+    problems.append("--retrieval_gallery_block must be non-negative (0: the whole gallery)")
   try:
     a.input_sizes = [int(x) for x in split(a.input_sizes)]
   except ValueError:
@@ -391,7 +464,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if a.search_width % 16:
     problems.append(f"--search_width {a.search_width} must be a multiple of 16 (its "
                     "ops split width/2 channels into up to 8 heads)")
-  for name in ("batch", "size", "iters", "net_batch", "search_batch", "search_width"):
+  for name in ("batch", "size", "iters", "net_batch", "search_batch", "search_width",
+               "retrieval_n", "retrieval_dim"):
     if getattr(a, name) < 1:
       problems.append(f"--{name} must be positive")
   if problems:
@@ -413,7 +487,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if "input" in a.suite:
     rows += input_suite(a)
   _finish(rows, DTYPES[a.dtype])
-  print(table(rows))
+  if rows:
+    print(table(rows))
+  if "retrieval" in a.suite:
+    retrieval_rows = retrieval_suite(a)
+    print(retrieval_table(retrieval_rows))
+    rows += retrieval_rows
   result = {"device": device.device_kind, "platform": device.platform,
             "devices": jax.device_count(), "jax": jax.__version__,
             "args": vars(a), "rows": rows}

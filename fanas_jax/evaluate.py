@@ -1,11 +1,12 @@
-"""Evaluation arithmetic: sharded prediction, top-1 accuracy, zero-shot Recall@K.
+"""Evaluation arithmetic: sharded prediction and top-1 accuracy (retrieval metrics
+live in fanas_jax.retrieval).
 
 Evaluation batches are padded and masked (pipeline.eval_batches), so every example
 counts exactly once whatever the batch size or the number of devices.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -33,21 +34,3 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> t
   """-> (number correct among real examples, number of real examples)."""
   correct = (np.argmax(logits, axis=-1) == labels) * mask
   return float(correct.sum()), float(mask.sum())
-
-
-def recall_at_k(embeddings: np.ndarray, labels: np.ndarray,
-                ks: Sequence[int]) -> dict[int, float]:
-  """Recall@K of deep metric learning: every example queries all the others.
-
-  A query scores 1 at K when one of its K nearest neighbours by cosine similarity
-  (itself excluded) has its label. Embeddings are L2-normalised here.
-  """
-  if len(embeddings) < 2:
-    raise ValueError("Recall@K needs at least two examples.")
-  e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-  sims = e @ e.T
-  np.fill_diagonal(sims, -np.inf)
-  kmax = min(max(ks), len(e) - 1)
-  nearest = np.argsort(-sims, axis=1, kind="stable")[:, :kmax]
-  hits = labels[nearest] == labels[:, None]
-  return {int(k): float(np.mean(hits[:, :k].any(axis=1))) for k in ks}

@@ -9,7 +9,7 @@ names its evaluations:
 
 runs top-1 on the test split after every 5th epoch and after the last, logged as
 `val/top1` (JSON lines and TensorBoard). Other keys of an entry are the
-evaluator's options (e.g. `ks` of recall_at_k). The stages' final results use the
+evaluator's options (e.g. `ks` of recall_at_k and retrieval). The stages' final results use the
 same evaluators.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax import evaluate
+from fanas_jax import evaluate, retrieval
 from fanas_jax.logging_utils import note
 from fanas_jax.registry import ConfigError, Registry
 
@@ -84,13 +84,34 @@ def embeddings(net: Net, batches: Iterable[dict[str, np.ndarray]]
   return np.concatenate(out), np.concatenate(labels)
 
 
-@register("recall_at_k", head="embedding", ks=(1, 2, 4, 8))
+@register("recall_at_k", head="embedding", ks=(1, 2, 4, 8), block=1024, gallery_block=0)
 def recall_at_k(net: Net, batches: Iterable[dict[str, np.ndarray]],
                 options: Mapping[str, Any]) -> Metrics:
-  """Recall@K of every example querying all the others (zero-shot retrieval)."""
+  """Recall@K of every example querying all the others (zero-shot retrieval), by
+  the exact blockwise top-k on the net's mesh (`block` queries at a time)."""
   emb, labels = embeddings(net, batches)
-  for k, value in evaluate.recall_at_k(emb, labels, tuple(options["ks"])).items():
-    yield f"recall_at_{k}", value
+  ks = tuple(options["ks"])
+  scores = retrieval.retrieval_scores(emb, labels, ks, block=options["block"],
+                                      gallery_block=options["gallery_block"],
+                                      mesh=net.mesh)
+  for k in ks:
+    yield f"recall_at_{k}", scores[f"recall_at_{k}"]
+  yield "examples", float(len(labels))
+
+
+@register("retrieval", head="embedding", ks=(1, 2, 4, 8), block=1024, gallery_block=0,
+          nmi=True, seed=0)
+def retrieval_metrics(net: Net, batches: Iterable[dict[str, np.ndarray]],
+                      options: Mapping[str, Any]) -> Metrics:
+  """Recall@K, MAP@R and (with `nmi`) the NMI of k-means with k = the number of
+  classes (seeded by `seed`): the zero-shot retrieval benchmark's metrics."""
+  emb, labels = embeddings(net, batches)
+  yield from retrieval.retrieval_scores(
+      emb, labels, tuple(options["ks"]), block=options["block"],
+      gallery_block=options["gallery_block"], mesh=net.mesh).items()
+  if options["nmi"]:
+    yield "nmi", retrieval.clustering_nmi(emb, labels, seed=options["seed"],
+                                          block=options["block"])
   yield "examples", float(len(labels))
 
 

@@ -8,7 +8,8 @@ the weight and the architecture step (the released code fed the clean image to t
 architecture step; we do not). `cpc` is the CPC-style variant (fanas_jax/cpc.py):
 predict patch embeddings rows ahead from a causal context, scored by InfoNCE.
 `supervised` is cross-entropy for phase 2 and training (label-smoothed by the
-config's `label_smoothing`, 0 if absent).
+config's `label_smoothing`, 0 if absent). `proxy_anchor` and `multi_similarity` train
+the metric-learning embedding of zero-shot retrieval.
 """
 from __future__ import annotations
 
@@ -151,11 +152,53 @@ def _proxy_anchor(config: Any) -> Objective:
   return Objective("embedding", make_inputs, loss)
 
 
+def multi_similarity_loss(embedding: jax.Array, labels: jax.Array, alpha: float = 2.0,
+                          beta: float = 50.0, base: float = 0.5,
+                          epsilon: float = 0.1) -> jax.Array:
+  """Multi-similarity loss (Wang et al., CVPR 2019) on unit-norm embeddings.
+
+  Pair mining: a negative pair is kept when its similarity + epsilon exceeds the
+  anchor's hardest (least similar) positive, a positive pair when its similarity
+  - epsilon is below the hardest (most similar) negative; an anchor's own pair is
+  never a positive. Per anchor
+    1/alpha log(1 + sum_P exp(-alpha (S - base))) + 1/beta log(1 + sum_N exp(beta (S - base)))
+  over its kept pairs (an empty set adds 0), averaged over the anchors. Cosines
+  lie in [-1, 1], so the exponentials stay finite in float32.
+  """
+  sim = embedding @ embedding.T
+  same = labels[:, None] == labels[None, :]
+  pos = same & ~jnp.eye(labels.shape[0], dtype=bool)
+  neg = ~same
+  hardest_pos = jnp.min(jnp.where(pos, sim, jnp.inf), axis=1, keepdims=True)
+  hardest_neg = jnp.max(jnp.where(neg, sim, -jnp.inf), axis=1, keepdims=True)
+  pos_kept = pos & (sim - epsilon < hardest_neg)
+  neg_kept = neg & (sim + epsilon > hardest_pos)
+  pos_sum = jnp.sum(jnp.where(pos_kept, jnp.exp(-alpha * (sim - base)), 0.0), axis=1)
+  neg_sum = jnp.sum(jnp.where(neg_kept, jnp.exp(beta * (sim - base)), 0.0), axis=1)
+  return jnp.mean(jnp.log1p(pos_sum) / alpha + jnp.log1p(neg_sum) / beta)
+
+
+def _multi_similarity(config: Any) -> Objective:
+  alpha, beta = config.get("ms_alpha", 2.0), config.get("ms_beta", 50.0)
+  base, epsilon = config.get("ms_base", 0.5), config.get("ms_epsilon", 0.1)
+
+  def make_inputs(batch, rng):
+    del rng
+    return batch["image"], batch["label"]
+
+  def loss(out, labels):
+    value = multi_similarity_loss(out["embedding"], labels, alpha, beta, base, epsilon)
+    return value, {"multi_similarity": value}
+
+  return Objective("embedding", make_inputs, loss)
+
+
 OBJECTIVES: Registry = Registry("objective")
 OBJECTIVES.add("car", _car)
 OBJECTIVES.add("cpc", _cpc)
 OBJECTIVES.add("supervised", _supervised)
 OBJECTIVES.add("proxy_anchor", _proxy_anchor)
+OBJECTIVES.add("multi_similarity", _multi_similarity)
 
 
 def make_objective(name: str, config: Any) -> Objective:

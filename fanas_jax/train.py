@@ -3,10 +3,11 @@ train and retrieval.
 
 `train` trains the derived network with a classifier head and reports test top-1.
 `retrieval` trains it with an L2-normalised embedding head and the proxy-anchor
-loss on the training classes only, then reports Recall@K on the held-out classes
-(zero-shot retrieval). Both leave the trained variables in
-workdir/<stage>/final_variables.msgpack (and the last checkpoint in checkpoints/),
-and run the evaluations their `evals` config names after the epochs it asks for.
+(or multi-similarity) loss on the training classes only, then reports Recall@K,
+MAP@R and the NMI of k-means on the held-out classes (zero-shot retrieval). Both
+leave the trained variables in workdir/<stage>/final_variables.msgpack (and the
+last checkpoint in checkpoints/), and run the evaluations their `evals` config
+names after the epochs it asks for.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax import checks, evaluators, parallel
+from fanas_jax import checks, evaluators, parallel, retrieval
 from fanas_jax.genotype import (NAMED_GENOTYPES, Genotype, genotype_from_file, named_genotype,
                                search_space_from_config)
 from fanas_jax.logging_utils import note, write_bytes
@@ -33,6 +34,7 @@ from fanas_jax.steps import TrainState, init_variables, make_train_step
 
 FINAL_VARIABLES = "final_variables.msgpack"
 HEADS = {"train": "classifier", "retrieval": "embedding"}
+RETRIEVAL_LOSSES = ("proxy_anchor", "multi_similarity")
 
 
 def count_params(tree: Any) -> int:
@@ -193,9 +195,12 @@ def _check_classes(cfg: Any, dataset: str, num_classes: int) -> None:
   if bad:
     raise ConfigError(f"retrieval classes {bad} are outside 0..{num_classes - 1} "
                       f"of dataset {dataset}.")
-  if set(train_c) & set(test_c):
-    raise ConfigError("retrieval.train_classes and retrieval.test_classes overlap: "
-                      "zero-shot retrieval needs disjoint classes.")
+  retrieval.check_disjoint(train_c, test_c,
+                           "retrieval.train_classes and retrieval.test_classes")
+  loss = cfg.get("loss", "proxy_anchor")
+  if loss not in RETRIEVAL_LOSSES:
+    raise ConfigError(f"retrieval.loss={loss!r} is not a metric-learning loss; valid "
+                      f"choices: {', '.join(RETRIEVAL_LOSSES)}.")
 
 
 # The stages.
@@ -242,7 +247,9 @@ def _retrieval_summary(config: Any, workdir: str, stage: str,
   return ["## zero-shot retrieval", "",
           f"- train classes {r['train_classes']}, test classes {r['test_classes']} "
           f"({r['test_examples']} test images)",
-          "- " + ", ".join(f"Recall@{k}: **{v:.4f}**" for k, v in r["recall"].items()), ""]
+          "- " + ", ".join(f"Recall@{k}: **{v:.4f}**" for k, v in r["recall"].items()),
+          *([f"- MAP@R: **{r['map_at_r']:.4f}**, NMI: **{r['nmi']:.4f}** ({r['loss']} "
+             "loss)"] if "map_at_r" in r else []), ""]
 
 
 @register_stage("retrieval", needs=_genotype_needs, check_config=check_config,
@@ -253,23 +260,26 @@ def run_retrieval(ctx: StageContext) -> dict[str, Any]:
   build, cfg = ctx.build, ctx.cfg
   genotype = _genotype(ctx)
   train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
+  loss = cfg.get("loss", "proxy_anchor")
   model = make_model(genotype.layer_ops(), cfg.width, "embedding",
                      **model_options(ctx.config.model), embed_dim=cfg.embed_dim,
-                     num_proxies=len(train_classes))
+                     num_proxies=len(train_classes) if loss == "proxy_anchor" else 0)
   test_data = build.load_split(ctx.stage, cfg.split, classes=test_classes)
 
   def final(net: evaluators.Net) -> dict[str, float]:
-    scores = evaluators.run("recall_at_k", net, build.eval_batches(ctx.stage, test_data),
+    scores = evaluators.run("retrieval", net, build.eval_batches(ctx.stage, test_data),
                             ks=tuple(cfg.recall_ks))
     return {k: v for k, v in scores.items() if k != "examples"} | {
         "test_examples": scores["examples"]}
 
-  state, scores = fit(ctx, model, make_objective("proxy_anchor", cfg),
+  state, scores = fit(ctx, model, make_objective(loss, cfg),
                       build.load_split(ctx.stage, cfg.split, classes=train_classes, relabel=True),
                       final)
   recall = {str(k): scores[f"recall_at_{k}"] for k in cfg.recall_ks}
   note(f"[{ctx.stage}] zero-shot retrieval on classes {test_classes}: " +
-       ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()))
-  return {"recall": recall, "train_classes": train_classes, "test_classes": test_classes,
+       ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()) +
+       f", MAP@R {scores['map_at_r']:.4f}, NMI {scores['nmi']:.4f}")
+  return {"recall": recall, "map_at_r": scores["map_at_r"], "nmi": scores["nmi"],
+          "loss": loss, "train_classes": train_classes, "test_classes": test_classes,
           "test_examples": int(scores["test_examples"]),
           "params": count_params(state.params), "genotype": genotype.to_dict()}

@@ -17,7 +17,7 @@ import sys
 import jax
 import numpy as np
 
-from fanas_jax import evaluate, parallel
+from fanas_jax import evaluate, parallel, retrieval
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
 
@@ -55,7 +55,8 @@ def main(eval_batch: str, path: str) -> None:
     correct, total = correct + c, total + n
     embeddings.append(out["embedding"][mask > 0])
     labels.append(batch_labels[mask > 0])
-  recall = evaluate.recall_at_k(np.concatenate(embeddings), np.concatenate(labels), KS)
+  recall = retrieval.recall_at_k(np.concatenate(embeddings), np.concatenate(labels), KS,
+                                 block=16, mesh=parallel.make_mesh())
 
   loop_predictions, loop_embeddings, loop_labels = [], [], []
   for i in range(len(data)):

@@ -24,7 +24,7 @@ def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--impls=gather"], "--impls takes blocked, scan"),
-    (["--suite=io"], "--suite takes ops, nets and/or input"),
+    (["--suite=io"], "--suite takes ops, nets, input and/or retrieval"),
     (["--devices=99"], "--devices 99"),
     (["--windows=4"], "--windows takes odd integers"),
     (["--modules=conv3"], "unknown ops ['conv3']"),
@@ -60,3 +60,33 @@ def test_each_step_gets_the_input_rate_at_its_resolution():
   assert rows[0]["img_per_s"] == 640 and rows[0]["img_per_s_per_device"] == 320
   assert rows[0]["input_img_per_s"] == 160 and rows[0]["input_vs_step"] == 0.25
   assert "input_vs_step" not in rows[2]     # no pipeline row at 224x224
+
+
+def test_retrieval_suite_times_the_blockwise_topk_and_its_memory(tmp_path, capsys):
+  path = tmp_path / "retrieval.json"
+  result = benchmark.main(["--suite=retrieval", "--retrieval_n=601", "--retrieval_dim=16",
+                           "--retrieval_k=10", "--retrieval_blocks=16,128", "--iters=2",
+                           "--warmup=0", f"--json={path}"])
+  small, large = result["rows"]
+  assert (small["block"], large["block"]) == (16, 128) and small["kind"] == "retrieval"
+  for row in (small, large):
+    assert row["median_ms"] > 0 and row["queries_per_s"] == pytest.approx(
+        601 / (row["median_ms"] / 1e3))
+    # XLA's own account stays below the 601 x 601 matrix the search never builds.
+    assert row["memory_mib"] < row["bound_mib"]["full_matrix"] + row["bound_mib"]["inputs"]
+  # The working set grows with the query block, linearly.
+  assert large["bound_mib"]["block_working"] == pytest.approx(
+      8 * small["bound_mib"]["block_working"])
+  assert large["memory_mib"] > small["memory_mib"]
+  assert json.loads(path.read_text())["rows"][1]["block"] == 128
+  assert "top-10 of 601 x 16, block 128" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--retrieval_blocks=0"], "--retrieval_blocks takes positive integers"),
+    (["--retrieval_n=100", "--retrieval_k=100"], "--retrieval_k 100 must be 1 to"),
+])
+def test_bad_retrieval_arguments_are_refused(args, message, capsys):
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(args)
+  assert message in capsys.readouterr().err

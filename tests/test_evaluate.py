@@ -3,8 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fanas_jax.evaluate import recall_at_k, top1_accuracy
+from fanas_jax.evaluate import top1_accuracy
 from fanas_jax.objectives import box_mask, proxy_anchor_loss
+from fanas_jax.retrieval import recall_at_k
 
 
 def _recall_loop(emb, labels, k):
