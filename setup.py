@@ -12,7 +12,6 @@ setup(
         "absl-py",
         "array-record",
         "chex",
-        "filelock",             # locks the shared XLA compilation cache
         "flax>=0.10",
         "grain>=0.2.10",
         "jax>=0.6",

@@ -6,6 +6,11 @@ directory. An entry's key is a hash of the program (debug info stripped), the ja
 XLA versions, the compile options and the devices, so a changed program never reads
 a stale entry, and a run that differs only in its seed or its data (both are inputs
 of the compiled step, never constants in it) reads the entry of the first.
+
+No size limit is set: jax's size limit keeps per-entry access-time files, and a
+directory that other jax programs also write (without them) would then refuse every
+new entry. Concurrent processes are safe without it: only process 0 of a job writes,
+and a reader that meets a half-written entry compiles instead (with a warning).
 """
 from __future__ import annotations
 
@@ -20,10 +25,6 @@ CHOICES = ("default", "off")
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 # A compilation shorter than this is not worth a file (jax's own default is 1 s).
 MIN_COMPILE_SECONDS = 1.0
-# Least recently used entries go beyond this. A size limit also makes jax lock the
-# directory for every read and write, so concurrent processes (a multi-process job,
-# parallel tests) never read a half-written entry.
-MAX_BYTES = 4 << 30
 
 
 def default_dir() -> str:
@@ -61,7 +62,6 @@ def enable(value: str) -> str | None:
   compilation_cache.reset_cache()
   compilation_cache.set_cache_dir(path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
 
 

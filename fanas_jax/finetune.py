@@ -201,6 +201,10 @@ def check_config(config: Any, stage: str) -> None:
                                  evaluates=True)
   checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
   evaluators.check_config(cfg.get("evals"), f"{stage}.evals", "classifier", spec.splits)
+  if not cfg.pretrained:
+    raise ConfigError(f"{stage}.pretrained is empty: name the weights to start from (a "
+                      f"stage of this workdir: {', '.join(SOURCE_STAGES)}; RUN/train; a "
+                      f"{FINAL_VARIABLES}; or an orbax checkpoint step directory).")
   if cfg.pretrained in SOURCE_STAGES:
     wanted_genotype(cfg.genotype)  # Matched against the weights once that stage ran.
   else:
