@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       genotype="searched",    # or a named genotype, e.g. 'original'
+      init="scratch",         # 'scratch' (the authors' protocol) or 'supernet': start
+                              # from the chosen ops' weights of the last search phase
+                              # (needs width = model.width; fanas_jax/inherit.py)
       dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train", eval_split="test",
       epochs=500, batch_size=56,
@@ -158,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.retrieval = ml_collections.ConfigDict(dict(
       dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train+test",
+      eval_split="",          # '' = split: the split the test classes are read from
       train_classes=tuple(range(0, 5)), test_classes=tuple(range(5, 10)),
       embed_dim=512, recall_ks=(1, 2, 4, 8),
       loss="proxy_anchor",    # or 'multi_similarity'
@@ -168,6 +172,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr=0.04, momentum=0.9, weight_decay=1e-4, grad_clip=5.0,
       warmup_epochs=5, warmup_from=0.3, lr_min_factor=1e-4,  # as in train
       dropout=0.0,
+      # Starting from trained weights (as finetune does): '' = from scratch (train.genotype
+      # at width); else a stage of this workdir (train), RUN/train, a
+      # final_variables.msgpack or an orbax checkpoint step dir, whose backbone is
+      # copied; the embedding head is new.
+      pretrained="",
+      genotype="pretrained",  # with pretrained: the weights' architecture, or a named
+                              # genotype or genotype.json that must match them
+      head_lr_mult=1.0,       # the embedding head's (and proxies') lr = head_lr_mult x lr
+      freeze_bn=False,        # with pretrained: the backbone's BN keeps its statistics
+      freeze=(),              # with pretrained: parts that do not move ('stem', 'stage1'..)
       **augmentation(crop_padding=4, flip=True),
       **evaluation(),
       evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))

@@ -1,11 +1,12 @@
 """Every stage of the pipeline, registered by importing the module that defines it.
 
 search_phase1, search_phase2 (fanas_jax/search.py), derive
-(fanas_jax/derive_stage.py), train and retrieval (fanas_jax/train.py), finetune
-(fanas_jax/finetune.py). A new stage
+(fanas_jax/derive_stage.py), train (fanas_jax/train.py), retrieval
+(fanas_jax/zero_shot.py), finetune (fanas_jax/finetune.py). A new stage
 is one `register_stage` function in its module, imported here.
 """
-from fanas_jax import derive_stage, finetune, search, train  # noqa: F401  (they register)
+from fanas_jax import (derive_stage, finetune, search, train,  # noqa: F401  (they register)
+                       zero_shot)
 from fanas_jax.stage import STAGES, check_needs, stage_names
 
 __all__ = ["STAGES", "check_needs", "stage_names"]

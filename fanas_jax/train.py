@@ -1,13 +1,12 @@
-"""Training a derived (discrete) network from scratch, and evaluating it: the stages
-train and retrieval.
+"""Training a derived (discrete) network and evaluating it: the stage train.
 
-`train` trains the derived network with a classifier head and reports test top-1.
-`retrieval` trains it with an L2-normalised embedding head and the proxy-anchor
-(or multi-similarity) loss on the training classes only, then reports Recall@K,
-MAP@R and the NMI of k-means on the held-out classes (zero-shot retrieval). Both
-leave the trained variables in workdir/<stage>/final_variables.msgpack (and the
-last checkpoint in checkpoints/), and run the evaluations their `evals` config
-names after the epochs it asks for.
+`train` trains the derived network with a classifier head and reports test top-1,
+from scratch (the authors' protocol) or, with `train.init='supernet'`, from the
+chosen ops' weights of the search supernet (fanas_jax/inherit.py). It leaves the
+trained variables in workdir/train/final_variables.msgpack (and the last
+checkpoint in checkpoints/), and runs the evaluations its `evals` config names
+after the epochs it asks for. `fit` is the training loop that the stages
+retrieval (fanas_jax/zero_shot.py) and finetune (fanas_jax/finetune.py) share.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax import checks, evaluators, parallel, retrieval
+from fanas_jax import checks, evaluators, inherit, parallel
 from fanas_jax.genotype import (NAMED_GENOTYPES, Genotype, genotype_from_file, named_genotype,
                                search_space_from_config)
 from fanas_jax.logging_utils import note, write_bytes
@@ -33,8 +32,6 @@ from fanas_jax.stage import Need, StageContext, register_stage, stage_dir
 from fanas_jax.steps import TrainState, init_variables, make_train_step
 
 FINAL_VARIABLES = "final_variables.msgpack"
-HEADS = {"train": "classifier", "retrieval": "embedding"}
-RETRIEVAL_LOSSES = ("proxy_anchor", "multi_similarity")
 
 
 def count_params(tree: Any) -> int:
@@ -61,13 +58,14 @@ def _init_state(ctx: StageContext, model: Model, tx: Any, key: jax.Array,
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
 
 
-def _fresh(variables: dict[str, Any]) -> dict[str, Any]:
+def fresh(variables: dict[str, Any]) -> dict[str, Any]:
+  """`fit`'s default start: the freshly initialised variables themselves."""
   return variables
 
 
 def fit(ctx: StageContext, model: Model, objective: Objective, data: Any,
         final: Callable[[evaluators.Net], dict[str, float]],
-        start: Callable[[dict[str, Any]], dict[str, Any]] = _fresh,
+        start: Callable[[dict[str, Any]], dict[str, Any]] = fresh,
         optimizer: Callable[[int], Any] | None = None
         ) -> tuple[TrainState, dict[str, float]]:
   """Trains `model` on `data` with the stage's recipe (resuming from checkpoints),
@@ -142,9 +140,15 @@ DERIVED_GENOTYPE = Need("a derived genotype", ("derive",), "train.genotype='sear
                         f"{', '.join(sorted(NAMED_GENOTYPES))} or a genotype.json)")
 
 
-def _genotype_needs(config: Any, stage: str) -> list[Need]:
+def genotype_needs(config: Any, stage: str) -> list[Need]:
+  """The derive stage, when train.genotype is 'searched'."""
   del stage
   return [DERIVED_GENOTYPE] if config.train.genotype == "searched" else []
+
+
+def _train_needs(config: Any, stage: str) -> list[Need]:
+  supernet = [inherit.SUPERNET] if config.train.init == "supernet" else []
+  return genotype_needs(config, stage) + supernet
 
 
 def configured_genotype(value: str, key: str) -> Genotype | None:
@@ -157,7 +161,8 @@ def configured_genotype(value: str, key: str) -> Genotype | None:
   return genotype_from_file(value, key)
 
 
-def _genotype(ctx: StageContext) -> Genotype:
+def stage_genotype(ctx: StageContext) -> Genotype:
+  """The genotype train.genotype names (the derived one for 'searched')."""
   genotype = configured_genotype(ctx.config.train.genotype, "train.genotype")
   if genotype is not None:
     return genotype
@@ -169,38 +174,31 @@ def _named_ops() -> set[str]:
   return {op for g in NAMED_GENOTYPES.values() for ops in g.stages for op in ops}
 
 
-def check_config(config: Any, stage: str) -> None:
-  """The data, the genotype to train, the batch, the width (for every op it may
-  hold), evals; retrieval's classes."""
+def check_genotype_config(config: Any) -> None:
+  """train.genotype names a genotype ('searched', a named one or a genotype.json)."""
   try:
     configured_genotype(config.train.genotype, "train.genotype")
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  cfg = config[stage]
-  spec = checks.check_stage_data(config, stage, [cfg.split, cfg.get("eval_split", cfg.split)],
-                                 evaluates=True)
-  checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
+
+
+def check_network_width(config: Any, width: int, key: str) -> None:
+  """`width` holds every op the trained genotype may hold (searched or named)."""
   space = search_space_from_config(config.search.candidates)
   search_ops = {op for ops in space.candidates for op in ops}
-  checks.check_width(cfg.width, set(OPS.names()) & (search_ops | _named_ops()),
-                     f"{stage}.width")
-  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", HEADS[stage], spec.splits)
-  if stage == "retrieval":
-    _check_classes(cfg, spec.name, spec.num_classes)
+  checks.check_width(width, set(OPS.names()) & (search_ops | _named_ops()), key)
 
 
-def _check_classes(cfg: Any, dataset: str, num_classes: int) -> None:
-  train_c, test_c = list(cfg.train_classes), list(cfg.test_classes)
-  bad = [c for c in train_c + test_c if not 0 <= c < num_classes]
-  if bad:
-    raise ConfigError(f"retrieval classes {bad} are outside 0..{num_classes - 1} "
-                      f"of dataset {dataset}.")
-  retrieval.check_disjoint(train_c, test_c,
-                           "retrieval.train_classes and retrieval.test_classes")
-  loss = cfg.get("loss", "proxy_anchor")
-  if loss not in RETRIEVAL_LOSSES:
-    raise ConfigError(f"retrieval.loss={loss!r} is not a metric-learning loss; valid "
-                      f"choices: {', '.join(RETRIEVAL_LOSSES)}.")
+def check_config(config: Any, stage: str) -> None:
+  """The genotype to train and how it starts, the data, the batch, the width (for
+  every op it may hold), the evals."""
+  check_genotype_config(config)
+  inherit.check_config(config)
+  cfg = config[stage]
+  spec = checks.check_stage_data(config, stage, [cfg.split, cfg.eval_split], evaluates=True)
+  checks.check_batch(cfg.batch_size, f"{stage}.batch_size", config.num_devices)
+  check_network_width(config, cfg.width, f"{stage}.width")
+  evaluators.check_config(cfg.get("evals"), f"{stage}.evals", "classifier", spec.splits)
 
 
 # The stages.
@@ -210,21 +208,36 @@ def _classification_summary(config: Any, workdir: str, stage: str,
                             result: dict[str, Any]) -> list[str]:
   del config, workdir, stage
   r = result
+  start = ("from scratch" if r["init"] == "scratch"
+           else f"from the supernet weights of {r['init_from']}")
   return ["## classification", "",
           f"- test top-1: **{r['test_top1']:.4f}** on {r['test_examples']} examples",
-          f"- network: width {r['width']}, {r['params']:,} parameters, trained from "
-          f"scratch for {r['epochs']} epochs", ""]
+          f"- network: width {r['width']}, {r['params']:,} parameters, trained {start} "
+          f"for {r['epochs']} epochs (train.init={r['init']!r})", ""]
 
 
-@register_stage("train", needs=_genotype_needs, check_config=check_config,
+def _start(ctx: StageContext) -> tuple[Callable[[dict[str, Any]], dict[str, Any]], str]:
+  """(variables -> the starting variables, where they come from) for train.init."""
+  if ctx.cfg.init == "scratch":
+    note(f"[{ctx.stage}] init: from scratch (train.init='scratch')")
+    return fresh, ""
+  source, _ = ctx.source(inherit.SUPERNET)
+  where = inherit.latest_checkpoint(stage_dir(ctx.workdir, source))
+  note(f"[{ctx.stage}] init: the chosen ops' supernet weights of {source} "
+       f"({where}; train.init='supernet'); head and preprocess BN scale/bias fresh")
+  return inherit.start_from_supernet(inherit.read_supernet(where), where), where
+
+
+@register_stage("train", needs=_train_needs, check_config=check_config,
                 summary=_classification_summary)
 def run_classification(ctx: StageContext) -> dict[str, Any]:
   """Trains the genotype with a classifier head; test top-1 on cfg.eval_split."""
   build, cfg, spec = ctx.build, ctx.cfg, ctx.build.spec(ctx.stage)
-  genotype = _genotype(ctx)
+  genotype = stage_genotype(ctx)
   model = make_model(genotype.layer_ops(), cfg.width, "classifier",
                      **model_options(ctx.config.model), num_classes=spec.num_classes,
                      dropout=cfg.dropout)
+  start, init_from = _start(ctx)
   test_data = build.load_split(ctx.stage, cfg.eval_split)
 
   def final(net: evaluators.Net) -> dict[str, float]:
@@ -232,54 +245,10 @@ def run_classification(ctx: StageContext) -> dict[str, Any]:
     return {"test_top1": scores["top1"], "test_examples": scores["examples"]}
 
   state, scores = fit(ctx, model, make_objective("supervised", cfg),
-                      build.load_split(ctx.stage, cfg.split), final)
+                      build.load_split(ctx.stage, cfg.split), final, start=start)
   note(f"[{ctx.stage}] test top-1 {scores['test_top1']:.4f} on "
        f"{int(scores['test_examples'])} {cfg.eval_split} examples")
   return {"test_top1": scores["test_top1"], "test_examples": int(scores["test_examples"]),
           "params": count_params(state.params), "genotype": genotype.to_dict(),
-          "width": cfg.width, "epochs": cfg.epochs, "init": "scratch"}
-
-
-def _retrieval_summary(config: Any, workdir: str, stage: str,
-                       result: dict[str, Any]) -> list[str]:
-  del config, workdir, stage
-  r = result
-  return ["## zero-shot retrieval", "",
-          f"- train classes {r['train_classes']}, test classes {r['test_classes']} "
-          f"({r['test_examples']} test images)",
-          "- " + ", ".join(f"Recall@{k}: **{v:.4f}**" for k, v in r["recall"].items()),
-          *([f"- MAP@R: **{r['map_at_r']:.4f}**, NMI: **{r['nmi']:.4f}** ({r['loss']} "
-             "loss)"] if "map_at_r" in r else []), ""]
-
-
-@register_stage("retrieval", needs=_genotype_needs, check_config=check_config,
-                summary=_retrieval_summary)
-def run_retrieval(ctx: StageContext) -> dict[str, Any]:
-  """Trains the genotype with an embedding head on the train classes; Recall@K on
-  the held-out classes."""
-  build, cfg = ctx.build, ctx.cfg
-  genotype = _genotype(ctx)
-  train_classes, test_classes = list(cfg.train_classes), list(cfg.test_classes)
-  loss = cfg.get("loss", "proxy_anchor")
-  model = make_model(genotype.layer_ops(), cfg.width, "embedding",
-                     **model_options(ctx.config.model), embed_dim=cfg.embed_dim,
-                     num_proxies=len(train_classes) if loss == "proxy_anchor" else 0)
-  test_data = build.load_split(ctx.stage, cfg.split, classes=test_classes)
-
-  def final(net: evaluators.Net) -> dict[str, float]:
-    scores = evaluators.run("retrieval", net, build.eval_batches(ctx.stage, test_data),
-                            ks=tuple(cfg.recall_ks))
-    return {k: v for k, v in scores.items() if k != "examples"} | {
-        "test_examples": scores["examples"]}
-
-  state, scores = fit(ctx, model, make_objective(loss, cfg),
-                      build.load_split(ctx.stage, cfg.split, classes=train_classes, relabel=True),
-                      final)
-  recall = {str(k): scores[f"recall_at_{k}"] for k in cfg.recall_ks}
-  note(f"[{ctx.stage}] zero-shot retrieval on classes {test_classes}: " +
-       ", ".join(f"R@{k} {v:.4f}" for k, v in recall.items()) +
-       f", MAP@R {scores['map_at_r']:.4f}, NMI {scores['nmi']:.4f}")
-  return {"recall": recall, "map_at_r": scores["map_at_r"], "nmi": scores["nmi"],
-          "loss": loss, "train_classes": train_classes, "test_classes": test_classes,
-          "test_examples": int(scores["test_examples"]),
-          "params": count_params(state.params), "genotype": genotype.to_dict()}
+          "width": cfg.width, "epochs": cfg.epochs, "init": cfg.init,
+          "init_from": init_from}
