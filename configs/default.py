@@ -56,6 +56,12 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
       w_lr=0.025, w_lr_min=0.0, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
       a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
       alpha_init_std=1e-3,
+      # Ours, not the authors' (0 keeps their a_lr): alpha's Adam moves it about lr per
+      # step, so a phase with fewer alpha steps than the paper's hardly moves it. N > 0:
+      # alpha lr = a_lr x N / this phase's alpha steps (at most alpha_lr_scale_max x).
+      # The paper's phases take about 40,000 (phase 1) and 39,050 (phase 2) alpha steps.
+      alpha_reference_steps=0,
+      alpha_lr_scale_max=1000.0,
       mode="first_order",     # alpha gradient: 'first_order', 'second_order' or 'gumbel'
       warmup_epochs=0,        # weight-only epochs before alpha starts to move
       gumbel_tau_max=10.0,    # gumbel: temperature at the first step, decaying linearly

@@ -47,11 +47,29 @@ def search_weight_optimizer(cfg: Any, steps_per_epoch: int,
                 momentum=cfg.w_momentum))
 
 
-def alpha_optimizer(cfg: Any) -> optax.GradientTransformation:
-  """Adam with betas (0.5, 0.999) and coupled weight decay on the architecture."""
+def alpha_steps(cfg: Any, steps_per_epoch: int) -> int:
+  """The phase's alpha updates: every step after the weight-only warm-up epochs."""
+  return (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch
+
+
+def alpha_lr_scale(reference_steps: int, steps: int, max_scale: float) -> float:
+  """reference_steps / steps, at most max_scale (reference_steps 0: 1, no scaling).
+
+  Adam's step is about lr whatever the gradient's scale, so alpha can move at most
+  about lr x steps in a phase. Scaling lr by reference_steps / steps gives a short
+  search the total movement of one with reference_steps alpha updates.
+  """
+  if not reference_steps:
+    return 1.0
+  return min(reference_steps / max(steps, 1), max_scale)
+
+
+def alpha_optimizer(cfg: Any, lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """Adam with betas (0.5, 0.999) at lr_scale x a_lr and coupled weight decay on the
+  architecture."""
   return optax.chain(
       optax.add_decayed_weights(cfg.a_weight_decay),
-      optax.adam(cfg.a_lr, b1=cfg.a_b1, b2=cfg.a_b2))
+      optax.adam(lr_scale * cfg.a_lr, b1=cfg.a_b1, b2=cfg.a_b2))
 
 
 def gumbel_temperature(cfg: Any, total_steps: int) -> optax.Schedule:

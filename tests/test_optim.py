@@ -111,3 +111,38 @@ def test_train_optimizer_steps_with_the_schedule():
   want = [0.3 * 0.04] * 2 + [torch_cosine(0.04, 4e-6, e, 2) for e in (0, 0, 1, 1)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_alpha_lr_scale_is_reference_over_this_phases_alpha_steps_with_a_cap():
+  assert optim.alpha_lr_scale(0, 66, 1000.0) == 1.0     # the paper's configs: a_lr as given
+  assert optim.alpha_lr_scale(39_580, 66, 1000.0) == pytest.approx(39_580 / 66)
+  assert optim.alpha_lr_scale(39_580, 22, 1000.0) == 1000.0   # capped
+  assert optim.alpha_lr_scale(100, 400, 1000.0) == 0.25       # longer than the reference
+  cfg = default.search_phase(epochs=5, warmup_epochs=2)
+  assert optim.alpha_steps(cfg, STEPS) == 3 * STEPS     # warm-up epochs do not step alpha
+
+
+def test_paper_phases_keep_the_authors_alpha_lr():
+  from fanas_jax.builders import Builder
+  config = default.get_config()
+  build = Builder(config, "/nonexistent")
+  for phase in (config.search_phase1, config.search_phase2):
+    assert phase.alpha_reference_steps == 0
+    assert build.alpha_lr_scale(phase, 1) == 1.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 600.0])
+def test_alpha_optimizer_steps_with_the_scaled_lr(scale):
+  from fanas_jax.builders import Builder
+  from configs import quickstart
+  config = quickstart.get_config()
+  cfg = config.search_phase1
+  cfg.a_weight_decay = 0.0
+  cfg.alpha_reference_steps = int(scale * optim.alpha_steps(cfg, STEPS))
+  _, a_tx = Builder(config, "/nonexistent").search_optimizers(cfg, STEPS)
+  alphas = {"stage1": jnp.zeros((3, 7))}
+  grads = {"stage1": jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)), jnp.float32)}
+  updates, _ = a_tx.update(grads, a_tx.init(alphas), alphas)
+  # Adam's first step: m_hat = g, v_hat = g^2, so the update is -lr * sign(g).
+  np.testing.assert_allclose(updates["stage1"], -scale * cfg.a_lr * np.sign(grads["stage1"]),
+                             rtol=1e-5)
