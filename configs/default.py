@@ -178,6 +178,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **evaluation(),
       evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))
   ))
+  # The random-architecture baseline (not in the default stages): num_genotypes random
+  # genotypes within the derive limits (and budget) trained with the train block's
+  # recipe and config.seed; the genotype train trained is ranked among them.
+  c.baseline = ml_collections.ConfigDict(dict(
+      num_genotypes=8,
+      sample_seed=0,          # which random genotypes are drawn (with config.seed)
+  ))
   # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
   # of the same command resumes from the newest one that restores.
   c.checkpoint = ml_collections.ConfigDict(dict(

@@ -144,5 +144,5 @@ def test_alpha_optimizer_steps_with_the_scaled_lr(scale):
   grads = {"stage1": jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)), jnp.float32)}
   updates, _ = a_tx.update(grads, a_tx.init(alphas), alphas)
   # Adam's first step: m_hat = g, v_hat = g^2, so the update is -lr * sign(g).
-  np.testing.assert_allclose(updates["stage1"], -scale * cfg.a_lr * np.sign(grads["stage1"]),
-                             rtol=1e-5)
+  want = -scale * cfg.a_lr * np.sign(grads["stage1"])
+  np.testing.assert_allclose(updates["stage1"], want, rtol=1e-5)
