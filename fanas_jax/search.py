@@ -6,7 +6,10 @@ optax optimizers. Both halves have their own persistent iterator, so the alpha s
 walks through the whole architecture half. Phase 1 uses the `car` objective
 (labels unused), phase 2 `supervised` with alphas initialised from phase 1. The
 alpha gradient is first order, second order or Gumbel single-path (`mode`), and
-the first `warmup_epochs` epochs train the weights only.
+the first `warmup_epochs` epochs train the weights only. A phase with far fewer
+alpha steps than the paper's can scale alpha's learning rate up to match
+(`alpha_reference_steps`, optim.alpha_lr_scale). Every epoch logs how decided each
+layer is (fanas_jax/decision.py).
 """
 from __future__ import annotations
 
