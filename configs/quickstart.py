@@ -2,8 +2,8 @@
 
 Only width, resolution, epochs, box and patch sizes shrink, and alpha's learning rate
 grows as its steps shrink; the search space (7 ops, 5x3 layers), objectives, bilevel
-step and derive rule are the paper's. Digits are not
-mirror-symmetric, so the supervised stages train without horizontal flips.
+step and derive rule are the paper's. Digits are not mirror-symmetric, so the
+supervised stages train without horizontal flips.
 `configs/quickstart.py:tiny` is the seconds-long variant the end-to-end test runs.
 """
 from configs import default
@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
   c.model.zero_init_residual = True
   c.search_phase1.epochs = 3
   # The second departure: 3 epochs are 66 alpha steps where the paper's phases take
-  # about 39,600 and 39,050, so alpha's lr is scaled by that ratio (optim.alpha_lr_scale)
+  # about 39,580 and 39,050, so alpha's lr is scaled by that ratio (optim.alpha_lr_scale)
   # and alpha can move as far as in the paper's search.
   c.search_phase1.alpha_reference_steps = 39_580
   c.search_phase2.alpha_reference_steps = 39_050
