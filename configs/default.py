@@ -56,9 +56,10 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
       w_lr=0.025, w_lr_min=0.0, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
       a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
       alpha_init_std=1e-3,
-      # Ours, not the authors' (0 keeps their a_lr): alpha's Adam moves it about lr per
+      # Ours, not the authors' (0 keeps their Adam): alpha's Adam moves it about lr per
       # step, so a phase with fewer alpha steps than the paper's hardly moves it. N > 0:
-      # alpha lr = a_lr x N / this phase's alpha steps (at most alpha_lr_scale_max x).
+      # alpha's Adam runs as if over N steps: lr = a_lr x N / this phase's alpha steps
+      # (at most alpha_lr_scale_max x), 1 - b2 scaled alike (optim.alpha_b2).
       # The paper's phases take about 39,580 (20 epochs of half of ImageNet-100's
       # 126,689 images) and 39,050 (50 epochs of 25,000 CIFAR-10 images) alpha steps.
       alpha_reference_steps=0,

@@ -30,7 +30,7 @@ from fanas_jax.logging_utils import note
 from fanas_jax.loop import EpochEnd, Rollback, StageRun, compile_step, peek
 from fanas_jax.model import make_model, model_options
 from fanas_jax.objectives import OBJECTIVES, Objective, make_objective
-from fanas_jax.optim import alpha_steps
+from fanas_jax.optim import alpha_b2, alpha_steps
 from fanas_jax.registry import ConfigError
 from fanas_jax.stage import Need, StageContext, register_stage, write_json
 from fanas_jax.steps import SEARCH_MODES, init_alphas, init_search_state, make_search_step
@@ -276,7 +276,8 @@ def _describe_alpha_lr(cfg: Any, scale: float, steps: int) -> str:
   source = (f"alpha_lr_scale_max; alpha_reference_steps={cfg.alpha_reference_steps} / "
             f"{steps} is {ratio:.4g}" if scale < ratio else
             f"alpha_reference_steps={cfg.alpha_reference_steps} / {steps}")
-  return text + f" (a_lr={cfg.a_lr:g} x {scale:.4g} = {source})"
+  return text + (f" (a_lr={cfg.a_lr:g} x {scale:.4g} = {source}), Adam b2 "
+                 f"{alpha_b2(cfg.a_b1, cfg.a_b2, scale):g} (a_b2={cfg.a_b2:g})")
 
 
 def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
