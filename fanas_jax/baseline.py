@@ -13,10 +13,11 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fanas_jax import train
 from fanas_jax.derive import Budget, budget_from_config, layer_costs
 from fanas_jax.genotype import (LAYERS_PER_STAGE, DeriveLimits, Genotype, SearchSpace,
                                 search_space_from_config)
@@ -36,23 +37,32 @@ def legal_stage_choices(ops: Sequence[str], limits: DeriveLimits) -> list[tuple[
           if not limits.violations([ops[i] for i in c])]
 
 
+def _fits_budget(space: SearchSpace, budget: Budget | None) -> Callable[[list], bool]:
+  """picks (op indices per stage) -> whether the network is within the budget."""
+  if budget is None or not budget.active:
+    return lambda picks: True
+  fixed, per_op = layer_costs(space, budget)
+  caps = np.asarray([budget.max_params or np.inf, budget.max_macs or np.inf])
+
+  def fits(picks: list[tuple[int, ...]]) -> bool:
+    cost = fixed + sum(per_op[s, l, o] for s, p in enumerate(picks)
+                       for l, o in enumerate(p))
+    return bool(np.all(cost <= caps))
+
+  return fits
+
+
 def random_genotypes(space: SearchSpace, limits: DeriveLimits, budget: Budget | None,
                      count: int, rng: np.random.Generator) -> list[Genotype]:
   """`count` genotypes, each stage uniform over its legal assignments; with an active
   budget, drawn until the whole network fits (uniform over the fitting ones)."""
   choices = [legal_stage_choices(ops, limits) for ops in space.candidates]
-  if budget is not None and budget.active:
-    fixed, per_op = layer_costs(space, budget)
-    caps = np.asarray([budget.max_params or np.inf, budget.max_macs or np.inf])
+  fits = _fits_budget(space, budget)
   out = []
   for _ in range(count):
     for _ in range(MAX_BUDGET_DRAWS):
       picks = [c[rng.integers(len(c))] for c in choices]
-      if budget is None or not budget.active:
-        break
-      cost = fixed + sum(per_op[s, l, o] for s, p in enumerate(picks)
-                         for l, o in enumerate(p))
-      if np.all(cost <= caps):
+      if fits(picks):
         break
     else:
       raise ValueError(f"No random genotype fitted the derive budget in "
@@ -77,11 +87,24 @@ def rank_stats(searched: float, random: Sequence[float]) -> dict[str, float]:
           "min": float(r.min()), "max": float(r.max())}
 
 
+def _needs(config: Any, stage: str) -> list[Need]:
+  del config, stage
+  return [TRAINED]
+
+
 def check_config(config: Any, stage: str) -> None:
+  """The count, the train block every random genotype trains with, and some legal
+  assignment in every stage."""
   del stage
   if config.baseline.num_genotypes < 1:
     raise ConfigError(f"baseline.num_genotypes={config.baseline.num_genotypes} must be at "
                       f"least 1.")
+  train.check_config(config, "train")
+  limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
+  for s, ops in enumerate(search_space_from_config(config.search.candidates).candidates):
+    if not legal_stage_choices(ops, limits):
+      raise ConfigError(f"No assignment of {list(ops)} to stage{s + 1} satisfies the "
+                        f"derive limits (derive.max_window7, derive.max_global).")
 
 
 def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> list[str]:
@@ -106,8 +129,7 @@ def _train_random(ctx: StageContext, k: int, genotype: Genotype) -> dict[str, An
   return run_once(StageContext(config, workdir, "train", build, {}))
 
 
-@register_stage("baseline", needs=lambda config, stage: [TRAINED],
-                check_config=check_config, summary=summary)
+@register_stage("baseline", needs=_needs, check_config=check_config, summary=summary)
 def run_baseline(ctx: StageContext) -> dict[str, Any]:
   """Trains baseline.num_genotypes random legal genotypes; ranks the trained one."""
   config = ctx.config

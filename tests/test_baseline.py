@@ -4,6 +4,7 @@ import collections
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,3 +98,21 @@ def test_baseline_stage_ranks_the_trained_genotype(tmp_path):
   assert "random-architecture baseline" in summary and "of 3" in summary
   # A rerun reuses every finished training.
   assert experiment.run(c, workdir)["baseline"] == base
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_genotypes=0), "baseline.num_genotypes=0 must be at least 1"),
+    (dict(candidates=("nonlocal",)), "No assignment of ['nonlocal'] to stage1 satisfies"),
+])
+def test_bad_baseline_config_fails_before_compute(change, message):
+  from fanas_jax.config_checks import ConfigError, validate
+  c = quickstart.get_config("tiny")
+  c.stages = "train,baseline"
+  c.train.genotype = "original"
+  validate(c)
+  if "candidates" in change:
+    c.search.candidates = change["candidates"]
+  else:
+    c.baseline.update(change)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c)
