@@ -56,6 +56,14 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
       w_lr=0.025, w_lr_min=0.0, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0,
       a_lr=3e-4, a_b1=0.5, a_b2=0.999, a_weight_decay=1e-3,
       alpha_init_std=1e-3,
+      # Ours, not the authors' (0 keeps their Adam): alpha's Adam moves it about lr per
+      # step, so a phase with fewer alpha steps than the paper's hardly moves it. N > 0:
+      # alpha's Adam runs as if over N steps: lr = a_lr x N / this phase's alpha steps
+      # (at most alpha_lr_scale_max x), 1 - b2 scaled alike (optim.alpha_b2).
+      # The paper's phases take about 39,580 (20 epochs of half of ImageNet-100's
+      # 126,689 images) and 39,050 (50 epochs of 25,000 CIFAR-10 images) alpha steps.
+      alpha_reference_steps=0,
+      alpha_lr_scale_max=1000.0,
       mode="first_order",     # alpha gradient: 'first_order', 'second_order' or 'gumbel'
       warmup_epochs=0,        # weight-only epochs before alpha starts to move
       gumbel_tau_max=10.0,    # gumbel: temperature at the first step, decaying linearly
@@ -185,6 +193,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **augmentation(crop_padding=4, flip=True),
       **evaluation(),
       evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))
+  ))
+  # The random-architecture baseline (not in the default stages): num_genotypes random
+  # genotypes within the derive limits (and budget) trained with the train block's
+  # recipe and config.seed; the genotype train trained is ranked among them.
+  c.baseline = ml_collections.ConfigDict(dict(
+      num_genotypes=8,
+      sample_seed=0,          # which random genotypes are drawn (with config.seed)
   ))
   # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
   # of the same command resumes from the newest one that restores.

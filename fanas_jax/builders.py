@@ -85,7 +85,12 @@ class Builder:
                         ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """(weight optimizer, alpha optimizer) of a search phase."""
     return (optim.search_weight_optimizer(cfg, steps_per_epoch, self.lr_scale(cfg)),
-            optim.alpha_optimizer(cfg))
+            optim.alpha_optimizer(cfg, self.alpha_lr_scale(cfg, steps_per_epoch)))
+
+  def alpha_lr_scale(self, cfg: Any, steps_per_epoch: int) -> float:
+    return optim.alpha_lr_scale(cfg.alpha_reference_steps,
+                                optim.alpha_steps(cfg, steps_per_epoch),
+                                cfg.alpha_lr_scale_max)
 
   def gumbel_temperature(self, cfg: Any, total_steps: int) -> optax.Schedule | None:
     return optim.gumbel_temperature(cfg, total_steps) if cfg.mode == "gumbel" else None

@@ -6,7 +6,10 @@ optax optimizers. Both halves have their own persistent iterator, so the alpha s
 walks through the whole architecture half. Phase 1 uses the `car` objective
 (labels unused), phase 2 `supervised` with alphas initialised from phase 1. The
 alpha gradient is first order, second order or Gumbel single-path (`mode`), and
-the first `warmup_epochs` epochs train the weights only.
+the first `warmup_epochs` epochs train the weights only. A phase with far fewer
+alpha steps than the paper's can scale alpha's learning rate up to match
+(`alpha_reference_steps`, optim.alpha_lr_scale). Every epoch logs how decided each
+layer is (fanas_jax/decision.py).
 """
 from __future__ import annotations
 
@@ -19,14 +22,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fanas_jax import checks, evaluators, parallel, plots
+from fanas_jax import checks, decision, evaluators, parallel, plots
 from fanas_jax.cpc import grid_size
-from fanas_jax.derive import budget_from_config, derive, layer_entropy, log_softmax
+from fanas_jax.derive import budget_from_config, derive, log_softmax
 from fanas_jax.genotype import DeriveLimits, search_space_from_config
 from fanas_jax.logging_utils import note
 from fanas_jax.loop import EpochEnd, Rollback, StageRun, compile_step, peek
 from fanas_jax.model import make_model, model_options
 from fanas_jax.objectives import OBJECTIVES, Objective, make_objective
+from fanas_jax.optim import alpha_b2, alpha_steps
 from fanas_jax.registry import ConfigError
 from fanas_jax.stage import Need, StageContext, register_stage, write_json
 from fanas_jax.steps import SEARCH_MODES, init_alphas, init_search_state, make_search_step
@@ -85,6 +89,12 @@ def _check_bilevel(cfg: Any, stage: str) -> None:
   if not 0 <= cfg.warmup_epochs < cfg.epochs:
     raise ConfigError(f"{stage}.warmup_epochs={cfg.warmup_epochs} must be in "
                       f"0..{cfg.epochs - 1}: alpha needs at least one epoch of updates.")
+  if cfg.alpha_reference_steps < 0:
+    raise ConfigError(f"{stage}.alpha_reference_steps={cfg.alpha_reference_steps} must "
+                      f"be 0 (a_lr as given) or a number of alpha steps.")
+  if not cfg.alpha_lr_scale_max >= 1:
+    raise ConfigError(f"{stage}.alpha_lr_scale_max={cfg.alpha_lr_scale_max} must be at "
+                      f"least 1.")
   if cfg.mode == "gumbel":
     if not cfg.gumbel_tau_min > 0:
       raise ConfigError(f"{stage}.gumbel_tau_min={cfg.gumbel_tau_min} must be positive.")
@@ -177,6 +187,7 @@ def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> li
           f"- weight-half loss (last epoch): {r['final_w_loss']:.4f}",
           f"- mean alpha entropy per layer: {r['entropy_first']:.6f} -> "
           f"{r['entropy_last']:.6f} nats (uniform: {np.log(len(candidates[0])):.6f})",
+          f"- how decided (last epoch): {decision.describe(r['decision_last'])}",
           f"- genotype of this phase (epoch {r['epoch']}): "
           f"`{stage}/genotype.json`; alpha heatmap: `{stage}/alpha_heatmap.png`", ""]
 
@@ -240,16 +251,33 @@ def _describe(ctx: StageContext, steps_per_epoch: int, w_examples: int, a_exampl
               warmup_steps: int) -> None:
   cfg, stage = ctx.cfg, ctx.stage
   lr_scale = ctx.build.lr_scale(cfg)
+  alpha_lr = _describe_alpha_lr(cfg, ctx.build.alpha_lr_scale(cfg, steps_per_epoch),
+                                alpha_steps(cfg, steps_per_epoch))
   note(f"[{stage}] objective={cfg.objective} epochs={cfg.epochs} "
        f"steps/epoch={steps_per_epoch} weight half={w_examples} "
        f"architecture half={a_examples}")
   note(f"[{stage}] {parallel.describe(cfg.batch_size, ctx.config.num_devices)} per half; "
        f"weight lr {lr_scale * cfg.w_lr:g} (w_lr={cfg.w_lr:g} x {lr_scale:g}), "
-       f"alpha lr {cfg.a_lr:g}")
+       f"{alpha_lr}")
   note(f"[{stage}] mode={cfg.mode} alpha warm-up={cfg.warmup_epochs} epochs "
        f"({warmup_steps} weight-only steps)" +
        (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"
         if cfg.mode == "gumbel" else ""))
+
+
+def _describe_alpha_lr(cfg: Any, scale: float, steps: int) -> str:
+  """The lr the alpha optimizer steps with, where it comes from, and lr x steps (about
+  the farthest Adam can move an alpha in the phase)."""
+  lr = scale * cfg.a_lr
+  text = f"alpha lr {lr:g} x {steps} alpha steps = {lr * steps:.4g}"
+  if not cfg.alpha_reference_steps:
+    return text + f" (a_lr={cfg.a_lr:g})"
+  ratio = cfg.alpha_reference_steps / max(steps, 1)
+  source = (f"alpha_lr_scale_max; alpha_reference_steps={cfg.alpha_reference_steps} / "
+            f"{steps} is {ratio:.4g}" if scale < ratio else
+            f"alpha_reference_steps={cfg.alpha_reference_steps} / {steps}")
+  return text + (f" (a_lr={cfg.a_lr:g} x {scale:.4g} = {source}), Adam b2 "
+                 f"{alpha_b2(cfg.a_b1, cfg.a_b2, scale):g} (a_b2={cfg.a_b2:g})")
 
 
 def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
@@ -267,20 +295,24 @@ def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
   genotype = derive(alphas, space, config.derive.rule,
                     DeriveLimits(config.derive.max_window7, config.derive.max_global),
                     budget_from_config(config)).to_dict()
-  entropy = layer_entropy(alphas)
-  _collapse_alarm(stage, end.epoch, entropy, alphas, space)
+  decisions = decision.layer_decisions(alphas)
+  stats = decision.decision_stats(decisions)
+  _collapse_alarm(stage, end.epoch, decisions.entropy, alphas, space)
+  note(f"[{stage}] epoch {end.epoch}: {decision.describe(stats)}")
   run.bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
                       a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
   run.carry = {"history": run.carry.get("history", []) + [{
       "epoch": end.epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
       "alpha_updated": alpha_updated,
       "alphas": {k: v.tolist() for k, v in alphas.items()},
-      "entropy": {k: v.tolist() for k, v in entropy.items()},
-      "genotype": genotype}]}
+      "entropy": {k: v.tolist() for k, v in decisions.entropy.items()},
+      "top_prob": {k: v.tolist() for k, v in decisions.top_prob.items()},
+      "margin": {k: v.tolist() for k, v in decisions.margin.items()},
+      "decision": stats, "genotype": genotype}]}
   run.writer.write(int(state.step), dict(
-      means, epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds,
-      mean_alpha_entropy=float(np.mean(list(entropy.values()))),
-      **_per_layer_scalars(alphas, entropy, space), genotype=genotype))
+      means, epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds, **stats,
+      **_alpha_scalars(alphas, space), **decision.per_layer_scalars(decisions),
+      genotype=genotype))
 
 
 def _finish(ctx: StageContext, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -300,19 +332,18 @@ def _finish(ctx: StageContext, history: list[dict[str, Any]]) -> dict[str, Any]:
           "first_a_loss": first_alpha_epoch["a_loss"],
           "first_a_epoch": first_alpha_epoch["epoch"],
           "entropy_first": mean_entropy(history[0]),
-          "entropy_last": mean_entropy(history[-1])}
+          "entropy_last": mean_entropy(history[-1]),
+          "decision_last": history[-1]["decision"]}
 
 
-def _per_layer_scalars(alphas: dict[str, np.ndarray], entropy: dict[str, np.ndarray],
-                       space: Any) -> dict[str, float]:
-  """'alpha/stageS/layerL/OP' (softmax weight) and 'entropy/stageS/layerL' scalars, so
-  JSON lines and TensorBoard show every layer's mixture over the epochs."""
+def _alpha_scalars(alphas: dict[str, np.ndarray], space: Any) -> dict[str, float]:
+  """'alpha/stageS/layerL/OP' (softmax weight) scalars, so JSON lines and TensorBoard
+  show every layer's mixture over the epochs."""
   out = {}
   for s, ops in enumerate(space.candidates):
     name = f"stage{s + 1}"
     probs = np.exp(log_softmax(alphas[name]))
     for l in range(probs.shape[0]):
-      out[f"entropy/{name}/layer{l + 1}"] = float(entropy[name][l])
       out.update({f"alpha/{name}/layer{l + 1}/{op}": float(probs[l, o])
                   for o, op in enumerate(ops)})
   return out

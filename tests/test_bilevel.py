@@ -525,6 +525,8 @@ def test_warmup_trains_weights_only_then_alpha(mode):
     ("warmup_epochs", 3, "search_phase1.warmup_epochs=3 must be in 0..2"),
     ("gumbel_tau_min", 0.0, "search_phase1.gumbel_tau_min=0.0 must be positive"),
     ("gumbel_tau_max", 0.05, "search_phase1.gumbel_tau_max=0.05 must be at least"),
+    ("alpha_reference_steps", -1, "search_phase1.alpha_reference_steps=-1 must be 0"),
+    ("alpha_lr_scale_max", 0.5, "search_phase1.alpha_lr_scale_max=0.5 must be at least 1"),
 ])
 def test_config_checks_name_the_bad_key(key, value, message):
   config = quickstart.get_config()

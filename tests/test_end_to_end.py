@@ -61,9 +61,19 @@ def test_pipeline_writes_every_output(finished_run):
             if '"search_phase1"' in l]
   probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in ORIGINAL_OPS]
   assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage5/layer3"] <= 1.946
+  # How decided: the logged top-op probability and margin are those of the logged mixture.
+  top2 = sorted(probs)[-2:]
+  assert abs(search[-1]["top_prob/stage1/layer1"] - top2[1]) < 1e-6
+  assert abs(search[-1]["margin/stage1/layer1"] - (top2[1] - top2[0])) < 1e-6
+  assert 0 <= search[-1]["decided_layers"] <= search[-1]["layers"] == 15
+  # The tiny run's 22 alpha steps ask for more than the cap: 1000 x a_lr.
+  assert ("alpha lr 0.3 x 22 alpha steps = 6.6 (a_lr=0.0003 x 1000 = alpha_lr_scale_max;"
+          in proc.stdout)
+  assert "[search_phase2] epoch 1: mean entropy" in proc.stdout
   assert stages == {"search_phase1", "search_phase2", "train", "retrieval"}
   summary = open(os.path.join(workdir, "summary.md")).read()
   assert "test top-1" in summary and "Recall@1" in summary
+  assert summary.count("layers with top-op margin > 0.1") == 2
 
 
 @pytest.mark.slow

@@ -76,7 +76,9 @@ def _cli(workdir, devices: int, *flags: str):
       [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
        f"--workdir={workdir}", "--config.stages=search_phase1",
        "--config.search.candidates=('local3_h4','nonlocal')",
-       "--config.search_phase1.split=test", *flags],
+       "--config.search_phase1.split=test",
+       "--config.search_phase1.alpha_reference_steps=0",  # a_lr as given: see a_lr below
+       *flags],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

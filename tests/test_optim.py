@@ -111,3 +111,66 @@ def test_train_optimizer_steps_with_the_schedule():
   want = [0.3 * 0.04] * 2 + [torch_cosine(0.04, 4e-6, e, 2) for e in (0, 0, 1, 1)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_alpha_lr_scale_is_reference_over_this_phases_alpha_steps_with_a_cap():
+  assert optim.alpha_lr_scale(0, 66, 1000.0) == 1.0     # the paper's configs: a_lr as given
+  assert optim.alpha_lr_scale(39_580, 66, 1000.0) == pytest.approx(39_580 / 66)
+  assert optim.alpha_lr_scale(39_580, 22, 1000.0) == 1000.0   # capped
+  assert optim.alpha_lr_scale(100, 400, 1000.0) == 0.25       # longer than the reference
+  cfg = default.search_phase(epochs=5, warmup_epochs=2)
+  assert optim.alpha_steps(cfg, STEPS) == 3 * STEPS     # warm-up epochs do not step alpha
+
+
+def test_paper_phases_keep_the_authors_alpha_lr():
+  from fanas_jax.builders import Builder
+  config = default.get_config()
+  build = Builder(config, "/nonexistent")
+  for phase in (config.search_phase1, config.search_phase2):
+    assert phase.alpha_reference_steps == 0
+    assert build.alpha_lr_scale(phase, 1) == 1.0
+
+
+def test_alpha_b2_keeps_the_second_moment_horizon_a_fraction_of_the_run():
+  assert optim.alpha_b2(0.5, 0.999, 1.0) == 0.999        # the recipe, bit for bit
+  assert optim.alpha_b2(0.5, 0.999, 10.0) == pytest.approx(0.99)   # 1,000 -> 100 steps
+  assert optim.alpha_b2(0.5, 0.999, 0.5) == pytest.approx(0.9995)  # a longer run
+  assert optim.alpha_b2(0.5, 0.999, 600.0) == 0.5        # never shorter than b1's
+
+
+def _numpy_adam(grads, lr, b1, b2, eps=1e-8):
+  """Adam's updates for a sequence of gradients, written out (Kingma & Ba, Alg. 1)."""
+  m = v = 0.0
+  out = []
+  for t, g in enumerate(grads, 1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    out.append(-lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps))
+  return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 600.0])
+def test_alpha_optimizer_steps_with_the_scaled_lr(scale):
+  from fanas_jax.builders import Builder
+  from configs import quickstart
+  config = quickstart.get_config()
+  cfg = config.search_phase1
+  cfg.a_weight_decay = 0.0
+  cfg.alpha_reference_steps = int(scale * optim.alpha_steps(cfg, STEPS))
+  _, a_tx = Builder(config, "/nonexistent").search_optimizers(cfg, STEPS)
+  alphas = {"stage1": jnp.zeros((3, 7))}
+  grads = {"stage1": jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)), jnp.float32)}
+  updates, _ = a_tx.update(grads, a_tx.init(alphas), alphas)
+  # Adam's first step: m_hat = g, v_hat = g^2, so the update is -lr * sign(g).
+  want = -scale * cfg.a_lr * np.sign(grads["stage1"])
+  np.testing.assert_allclose(updates["stage1"], want, rtol=1e-5)
+  # Later steps follow Adam with the scaled lr and b2.
+  rng = np.random.default_rng(1)
+  seq = [np.asarray(g, np.float64) for g in
+         [grads["stage1"]] + [10.0 ** -k * rng.normal(size=(3, 7)) for k in (1, 2, 2)]]
+  b2 = 0.999 if scale == 1 else 0.5
+  want = _numpy_adam(seq, scale * cfg.a_lr, cfg.a_b1, b2)
+  opt_state = a_tx.init(alphas)
+  for g, w in zip(seq, want):
+    updates, opt_state = a_tx.update({"stage1": jnp.asarray(g, jnp.float32)}, opt_state,
+                                     alphas)
+    np.testing.assert_allclose(updates["stage1"], w, rtol=2e-4)

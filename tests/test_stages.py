@@ -29,10 +29,11 @@ def _finish(workdir, stage, result):
 
 
 def test_every_pipeline_stage_is_registered():
-  assert STAGES.names() == ["derive", "finetune", "retrieval", "search_phase1", "search_phase2",
-                           "train"]
+  assert STAGES.names() == ["baseline", "derive", "finetune", "retrieval", "search_phase1",
+                           "search_phase2", "train"]
   with pytest.raises(ConfigError, match="Unknown stage 'trian' in config key stages; valid "
-                     "choices: derive, finetune, retrieval, search_phase1, search_phase2, train"):
+                     "choices: baseline, derive, finetune, retrieval, search_phase1, "
+                     "search_phase2, train"):
     validate(_config("trian"))
 
 
