@@ -32,6 +32,7 @@ from fanas_jax.genotype import LAYERS_PER_STAGE, STAGE_KINDS, stage_name
 from fanas_jax.ops.attention import BORDERS, IMPLEMENTATIONS
 from fanas_jax.ops.layers import (STEMS, TORCH_KERNEL_INIT, Bottleneck, OpOptions,
                                   batch_norm, torch_bias_init, torch_conv)
+from fanas_jax.ops.stacked import LayerSpec, mixture_layer
 from fanas_jax.registry import Registry
 
 LayerOps = Sequence[Sequence[Sequence[str]]]
@@ -98,6 +99,7 @@ class Backbone(nn.Module):
   border: str = "zero_pad"
   relu_after_add: bool = False
   zero_init_residual: bool = False
+  supernet_impl: str = "per_op"
 
   @nn.compact
   def __call__(self, x: jax.Array, alphas: Mapping[str, jax.Array] | None = None,
@@ -135,19 +137,39 @@ class Backbone(nn.Module):
           x = self._sampled_layer(options, ops, f"{name}_layer{l + 1}", x,
                                   path[name][l], train)
           continue
+        if len(ops) > 1 and alphas is None:
+          raise ValueError("A supernet (several candidates per layer) needs alphas "
+                           "or a sampled path.")
+        if len(ops) > 1:
+          mask = None if op_mask is None else op_mask[name]
+          w = mixture_weights(alphas[name], mask)[l]
+        if (len(ops) > 1 and self.supernet_impl == "stacked"
+            and not self.is_initializing()):
+          layer = LayerSpec(ops, width, stride, op_options, self.relu_after_add)
+          x = self._stacked_layer(layer, f"{name}_layer{l + 1}", x, w, train)
+          continue
         outs = [Bottleneck(op, name=f"{name}_layer{l + 1}_{op}", **options)(x, train)
                 for op in ops]
         if len(outs) == 1:
           x = outs[0]
         else:
-          if alphas is None:
-            raise ValueError("A supernet (several candidates per layer) needs alphas "
-                             "or a sampled path.")
-          mask = None if op_mask is None else op_mask[name]
-          w = mixture_weights(alphas[name], mask)[l]
           x = sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
       features[name] = x
     return features
+
+  def _stacked_layer(self, layer: LayerSpec, prefix: str, x: jax.Array,
+                     weights: jax.Array, train: bool) -> jax.Array:
+    """The mixture of the per-op bottlenecks' variables, computed stacked
+    (ops/stacked.py). Initialisation builds the per-op bottlenecks, so both
+    implementations have one variable tree; here it is read and written by path."""
+    names = [f"{prefix}_{op}" for op in layer.ops]
+    params = [self.variables["params"][n] for n in names]
+    stats = [self.variables.get("batch_stats", {}).get(n, {}) for n in names]
+    y, new_stats = mixture_layer(x, weights, layer, params, stats, train)
+    if train:
+      for n, tree in zip(names, new_stats):
+        self.put_variable("batch_stats", n, tree)
+    return y
 
   def _sampled_layer(self, options: dict[str, Any], ops: Sequence[str], prefix: str,
                      x: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
@@ -281,11 +303,12 @@ class Model(nn.Module):
   relu_after_add: bool = False
   zero_init_residual: bool = False
   frozen_bn: bool = False  # fine-tuning: the backbone's BN uses and keeps its statistics
+  supernet_impl: str = "per_op"
 
   def setup(self):
     self.backbone = Backbone(self.layer_ops, self.width, self.stem, self.dtype,
                              self.attention_impl, self.border, self.relu_after_add,
-                             self.zero_init_residual)
+                             self.zero_init_residual, self.supernet_impl)
     self.task_head = HEADS.get(self.head, key="head")(dict(self.head_config))
 
   def __call__(self, x, alphas=None, train: bool = False, op_mask=None, path=None):
@@ -298,6 +321,9 @@ def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# How a mixture layer computes its candidates: one bottleneck module each, or all
+# at once over an op axis (ops/stacked.py). The same function and variables.
+SUPERNET_IMPLS = ("per_op", "stacked")
 
 # config.model keys that select a behaviour, with their valid values.
 _CHOICES = {
@@ -305,6 +331,7 @@ _CHOICES = {
     "dtype": lambda: list(DTYPES),
     "attention_impl": lambda: list(IMPLEMENTATIONS),
     "border": lambda: list(BORDERS),
+    "supernet_impl": lambda: list(SUPERNET_IMPLS),
 }
 _FLAGS = ("relu_after_add", "zero_init_residual")
 
@@ -334,21 +361,23 @@ def model_options(model_config: Any) -> dict[str, Any]:
           "attention_impl": model_config.attention_impl,
           "border": model_config.border,
           "relu_after_add": model_config.relu_after_add,
-          "zero_init_residual": model_config.zero_init_residual}
+          "zero_init_residual": model_config.zero_init_residual,
+          "supernet_impl": model_config.supernet_impl}
 
 
 def make_model(layer_ops: LayerOps, width: int, head: str, *, stem: str = "attention",
                dtype: Any = jnp.float32, attention_impl: str = "blocked",
                border: str = "zero_pad", relu_after_add: bool = False,
                zero_init_residual: bool = False, frozen_bn: bool = False,
-               **head_config) -> Model:
+               supernet_impl: str = "per_op", **head_config) -> Model:
   """The network of `layer_ops` (derived or supernet) with a task head.
 
   The defaults are the authors' network; relu_after_add, zero_init_residual and
   border='mask' are the documented departures (see check_config). frozen_bn runs the
   backbone's batch norms on their running statistics, also while training (the head
   still trains, dropout included), and leaves those statistics as they are.
+  supernet_impl ('per_op' or 'stacked') only changes how a supernet computes.
   """
   return Model(freeze_layer_ops(layer_ops), width, head,
                tuple(sorted(head_config.items())), stem, dtype, attention_impl,
-               border, relu_after_add, zero_init_residual, frozen_bn)
+               border, relu_after_add, zero_init_residual, frozen_bn, supernet_impl)

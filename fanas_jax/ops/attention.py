@@ -92,7 +92,7 @@ def _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix):
 
 
 def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
-                          value_mix, border) -> Array:
+                          value_mix, border, offset_bias) -> Array:
   """One offset at a time: a lax.scan over the window, rematerialised."""
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
@@ -140,6 +140,9 @@ def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
     col = jnp.einsum("bhwnd,xnd->xbhwn", q_heads, col_table,
                      preferred_element_type=logit_dtype)
     logits += (row[:, None] + col[None, :]).reshape(logits.shape)
+  if offset_bias is not None:
+    bias = (offset_bias[:, None] + offset_bias[None, :]).astype(logit_dtype)
+    logits += bias.reshape(-1, 1, 1, 1, 1)
 
   if border == "mask":
     valid = _window_mask(height, width, window)[:, None, :, :, None]
@@ -235,7 +238,7 @@ def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
 
 
 def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
-                             block_size, backend, border) -> Array:
+                             block_size, backend, border, offset_bias) -> Array:
   """Blocked (halo) local attention as augmented dot-product attention."""
   batch, height, width, channels = q.shape
   head_dim = channels // num_heads
@@ -268,13 +271,18 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
     bias = np.where(valid, 0.0, masked_logit)  # [nb, b, region] of this axis
     bias = jnp.asarray(bias[None, :, :, None, None, None] if is_row
                        else bias[None, None, None, :, :, None], dtype)
-    if rel is None:
+    if rel is None and offset_bias is None:
       return jnp.broadcast_to(
           bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region))
-    zeros = jnp.zeros_like(rel)
-    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
-    table = table.reshape(window, num_heads, head_dim).astype(dtype)
-    rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
+    if rel is None:
+      rel_logits = jnp.zeros(q_blocks.shape[:-1] + (window,), dtype)
+    else:
+      zeros = jnp.zeros_like(rel)
+      table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+      table = table.reshape(window, num_heads, head_dim).astype(dtype)
+      rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
+    if offset_bias is not None:
+      rel_logits += offset_bias.astype(dtype)
     spec = "bYyXxnw,Yywr->bYyXxnr" if is_row else "bYyXxnw,Xxwr->bYyXxnr"
     return jnp.einsum(spec, rel_logits, jnp.asarray(one_hot, dtype)) + bias
 
@@ -315,6 +323,16 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   out = out.transpose(0, 1, 3, 2, 4, 5).reshape(
       batch, nb_y * block_y, nb_x * block_x, num_heads * value_dim)
   return out[:, :height, :width]
+
+
+def inner_window_bias(window: int, inner: int, dtype: Any = jnp.float32) -> np.ndarray:
+  """The [window] `offset_bias` that narrows a window x window attention to the
+  centre inner x inner offsets (a masked logit outside them)."""
+  if inner < 1 or inner % 2 == 0 or inner > window:
+    raise ValueError(f"inner window must be odd and in 1..{window}, got {inner}.")
+  masked = _MASKED_LOGIT.get(jnp.dtype(dtype), _DEFAULT_MASKED_LOGIT)
+  distance = np.abs(np.arange(window) - window // 2)
+  return np.where(distance <= inner // 2, 0.0, masked).astype(np.float32)
 
 
 # cuDNN's fused (flash) attention takes head dims up to this, in multiples of 8.
@@ -372,7 +390,8 @@ def local_attention(q: Array,
                     border: str = "zero_pad",
                     impl: str = "blocked",
                     block_size: int | None = None,
-                    backend: str | None = None) -> Array:
+                    backend: str | None = None,
+                    offset_bias: Array | None = None) -> Array:
   """Multi-head attention of each pixel over its window x window neighbourhood.
 
   With border='mask' positions outside the map are excluded from the softmax,
@@ -402,17 +421,24 @@ def local_attention(q: Array,
       of the side near 8).
     backend: for `blocked`, 'xla' or 'cudnn' (default: cuDNN on GPU for
       bf16/fp16 inputs, else XLA).
+    offset_bias: optional [window] logit bias; a key at row offset dy and
+      column offset dx gets offset_bias[dy] + offset_bias[dx]. A large negative
+      bias outside the centre w x w offsets makes this exactly the attention of
+      a w x w window (with rel tables zero-padded to `window`): the stacked
+      supernet runs several windows as one.
 
   Returns:
     [B, H, W, Cv] attention output, in v's dtype.
   """
   _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix)
+  if offset_bias is not None and offset_bias.shape != (window,):
+    raise ValueError(f"offset_bias must be [{window}]; got {offset_bias.shape}.")
   if border not in BORDERS:
     raise ValueError(f"Unknown local attention border {border!r}; valid: "
                      f"{', '.join(BORDERS)}.")
   if impl == "scan":
     return _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
-                                 value_mix, border)
+                                 value_mix, border, offset_bias)
   if impl != "blocked":
     raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
                      f"{', '.join(IMPLEMENTATIONS)}.")
@@ -421,4 +447,5 @@ def local_attention(q: Array,
   if block_size is not None and block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}.")
   return _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
-                                  block_size, backend, border).astype(v.dtype)
+                                  block_size, backend, border,
+                                  offset_bias).astype(v.dtype)

@@ -214,13 +214,13 @@ def nonlocal_cost(channels: int, height: int, width: int) -> Cost:
 class OpSpec:
   """A searchable op.
 
-  make(channels, options, name) builds a module mapping [B, H, W, channels]
+  make(channels, options, name, **fields) builds a module mapping [B, H, W, channels]
   to the same shape, called as module(x, train); options are the network-wide
-  `OpOptions`. cost(channels, height, width) is the op's `Cost` on such a map.
+  `OpOptions`, fields further flax Module fields (parent=None: a detached module). cost(channels, height, width) is the op's `Cost` on such a map.
   post_norm says whether the bottleneck follows the op with BN + ReLU.
   """
   name: str
-  make: Callable[[int, OpOptions, str], nn.Module]
+  make: Callable[..., nn.Module]
   cost: Callable[[int, int, int], Cost]
   post_norm: bool
   window: int | None
@@ -232,24 +232,24 @@ OPS: Registry[OpSpec] = Registry("attention op")
 
 
 def _local_spec(window: int, num_heads: int) -> OpSpec:
-  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
+  def make(channels: int, options: OpOptions, name: str, **fields: Any) -> nn.Module:
     return LocalAttention(channels, window, num_heads, options.dtype,
-                          options.attention_impl, options.border, name=name)
+                          options.attention_impl, options.border, name=name, **fields)
   return OpSpec(name=f"local{window}_h{num_heads}", make=make,
                 cost=local_attention_cost(window), post_norm=True,
                 window=window, is_global=False, num_heads=num_heads)
 
 
 def _nonlocal_spec() -> OpSpec:
-  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
-    return NonLocal(channels, options.dtype, name=name)
+  def make(channels: int, options: OpOptions, name: str, **fields: Any) -> nn.Module:
+    return NonLocal(channels, options.dtype, name=name, **fields)
   return OpSpec(name="nonlocal", make=make, cost=nonlocal_cost, post_norm=False,
                 window=None, is_global=True)
 
 
 def _axial_spec(num_heads: int) -> OpSpec:
-  def make(channels: int, options: OpOptions, name: str) -> nn.Module:
-    return AxialAttention(channels, num_heads, options.dtype, name=name)
+  def make(channels: int, options: OpOptions, name: str, **fields: Any) -> nn.Module:
+    return AxialAttention(channels, num_heads, options.dtype, name=name, **fields)
   return OpSpec(name=f"axial_h{num_heads}", make=make, cost=axial_attention_cost,
                 post_norm=True, window=None, is_global=False, num_heads=num_heads)
 

@@ -1,0 +1,173 @@
+"""The stacked supernet layer against the per-op mixture it replaces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fanas_jax.model import gumbel_path, make_model
+from fanas_jax.ops.attention import inner_window_bias, local_attention
+from fanas_jax.ops.layers import ORIGINAL_OPS
+from fanas_jax.ops.stacked import op_order
+from tests.test_model import perturb
+
+CANDIDATES = ORIGINAL_OPS + ("axial_h4",)
+# Two mixture layers (stride 1 at width 16; stride 2 with 16 -> 32 channels) among
+# single ops keep the compile small; every candidate and both bottleneck shapes appear.
+LAYER_OPS = ((CANDIDATES, ("local3_h4",), ("local5_h8",)),
+             (CANDIDATES, ("local3_h4",), ("nonlocal",)),
+             (("local3_h4",),) * 3, (("local3_h4",),) * 3, (("local3_h4",),) * 3)
+X = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+N = len(CANDIDATES)
+
+
+def _models(**options):
+  return [make_model(LAYER_OPS, 16, "classifier", num_classes=10, supernet_impl=impl,
+                     zero_init_residual=True,
+                     **options) for impl in ("per_op", "stacked")]
+
+
+def _alphas(seed=0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  return {f"stage{s + 1}": 0.5 * jax.random.normal(keys[s], (3, N)) for s in range(5)}
+
+
+def _rel_diff(want, got):
+  """Norm-wise relative difference over the whole tree, ||got - want|| / ||want||.
+
+  Per leaf, each also within 1e-3 of its own scale (a floor of 1e-3 of the
+  largest leaf keeps gradients that are exactly 0 in exact arithmetic, such as the
+  non-local phi bias's, from dividing noise by noise): a wrong leaf fails that, while
+  rounding alone moves single small leaves of this train-mode network by ~3e-5
+  (as much as a 1e-7 relative change of its input does).
+  """
+  want, got = jax.tree.leaves(want), jax.tree.leaves(got)
+  scale = max(float(jnp.max(jnp.abs(a))) for a in want)
+  for a, b in zip(want, got):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * max(float(jnp.max(jnp.abs(a))),
+                                                         1e-3 * scale)
+  diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(want, got))
+  return (diff / sum(float(jnp.sum(a ** 2)) for a in want)) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def variables():
+  per_op, stacked = _models()
+  init = jax.jit(per_op.init)(jax.random.key(1), X, _alphas())
+  # Both implementations build the same variable tree (initialisation runs the
+  # per-op bottlenecks under both, so the values are the same code's).
+  shapes = jax.eval_shape(stacked.init, jax.random.key(1), X, _alphas())
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
+          == jax.tree.map(lambda a: (a.shape, a.dtype), init))
+  return perturb(init, 3)
+
+
+def _loss(model, variables, train, op_mask=None, path=None):
+  def loss(params, alphas):
+    out, updates = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, X, alphas,
+        train=train, op_mask=op_mask, path=path,
+        mutable=["batch_stats"] if train else [])
+    return jnp.sum(jnp.sin(out)) + 0.1 * jnp.sum(out ** 2), updates
+  return loss
+
+
+def _op_mask():
+  mask = {f"stage{s + 1}": jnp.ones((3, N), bool) for s in range(5)}
+  mask["stage1"] = mask["stage1"].at[0, jnp.asarray([0, 6])].set(False)
+  mask["stage2"] = mask["stage2"].at[0, jnp.asarray([2, 3, 7])].set(False)
+  return mask
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_stacked_equals_per_op_forward_and_gradients(variables, train):
+  """Training mode (batch statistics, their updates) with an op mask; evaluation
+  mode (running statistics) without."""
+  op_mask = _op_mask() if train else None
+  results = []
+  for model in _models():
+    grad = jax.value_and_grad(_loss(model, variables, train, op_mask), argnums=(0, 1),
+                              has_aux=True)
+    results.append(jax.jit(grad)(variables["params"], _alphas()))
+  (want_loss, want_stats), want_grads = results[0]
+  (got_loss, got_stats), got_grads = results[1]
+  assert abs(float(got_loss - want_loss)) <= 1e-5 * abs(float(want_loss))
+  assert _rel_diff(want_grads[0], got_grads[0]) < 1e-5   # weights
+  assert _rel_diff(want_grads[1], got_grads[1]) < 1e-5   # alphas
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads[1])) > 1e-4
+  if not train:
+    return
+  # A masked op gets no gradient in either; the running statistics move, alike.
+  assert float(jnp.abs(got_grads[1]["stage1"][0, 0])) == 0.0
+  conv = got_grads[0]["backbone"]["stage1_layer1_local3_h4"]["conv_in"]["kernel"]
+  assert float(jnp.abs(conv).max()) == 0.0
+  assert jax.tree.structure(want_stats) == jax.tree.structure(got_stats)
+  assert _rel_diff(want_stats, got_stats) < 1e-5
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       want_stats["batch_stats"], variables["batch_stats"])
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_stacked_equals_per_op_second_order_alpha_gradient(variables):
+  """d/dalpha L(w - xi grad_w L(w, alpha), alpha): DARTS's unrolled gradient, with xi
+  such that the virtual step has norm 0.01 (this perturbed net's gradients are large,
+  and a long virtual step would compare chaos with chaos)."""
+  def unrolled(model):
+    loss = _loss(model, variables, True)
+    def outer(alphas):
+      grads, _ = jax.grad(loss, has_aux=True)(variables["params"], alphas)
+      xi = 0.01 / jax.lax.stop_gradient(optax.tree.norm(grads))
+      virtual = jax.tree.map(lambda w, g: w - xi * g, variables["params"], grads)
+      return loss(virtual, alphas)[0]
+    return jax.jit(jax.grad(outer))(_alphas())
+  want, got = (unrolled(m) for m in _models())
+  assert _rel_diff(want, got) < 1e-5
+
+
+def test_sampled_path_is_the_same_under_both_implementations(variables):
+  """Gumbel mode runs one op per layer; its gradient reaches alpha alike."""
+  def path_loss(model, alphas):
+    path = gumbel_path(alphas, jax.random.key(4), 1.0)
+    return _loss(model, variables, True, path=path)(variables["params"], alphas)[0]
+  want, got = (jax.jit(jax.grad(lambda a, m=m: path_loss(m, a)))(_alphas())
+               for m in _models())
+  assert _rel_diff(want, got) < 1e-5
+
+
+def test_op_order_groups_local_ops_by_heads_then_the_rest():
+  ops = ("nonlocal", "local7_h8", "axial_h4", "local3_h4", "local5_h8", "local5_h4")
+  assert [ops[i] for i in op_order(ops)] == [
+      "local3_h4", "local5_h4", "local5_h8", "local7_h8", "axial_h4", "nonlocal"]
+
+
+@pytest.mark.parametrize("impl", ["blocked", "scan"])
+@pytest.mark.parametrize("border", ["zero_pad", "mask"])
+@pytest.mark.parametrize("inner", [3, 5])
+def test_offset_bias_narrows_a_window_exactly(impl, border, inner):
+  keys = jax.random.split(jax.random.key(inner), 5)
+  q, k, v = (jax.random.normal(key, (2, 9, 7, 16)) for key in keys[:3])
+  rel_row, rel_col = (jax.random.normal(key, (inner, 8)) for key in keys[3:])
+  pad = lambda t: jnp.pad(t, (((7 - inner) // 2,) * 2, (0, 0)))
+  want = local_attention(q, k, v, window=inner, num_heads=4, rel_row=rel_row,
+                         rel_col=rel_col, border=border, impl=impl)
+  got = local_attention(q, k, v, window=7, num_heads=4, rel_row=pad(rel_row),
+                        rel_col=pad(rel_col), border=border, impl=impl,
+                        offset_bias=jnp.asarray(inner_window_bias(7, inner)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_offset_bias_and_inner_window_are_errors():
+  q = jnp.zeros((1, 4, 4, 8))
+  with pytest.raises(ValueError, match="offset_bias must be"):
+    local_attention(q, q, q, window=5, num_heads=2, offset_bias=jnp.zeros(3))
+  with pytest.raises(ValueError, match="inner window"):
+    inner_window_bias(5, 7)
+
+
+def test_unknown_supernet_impl_is_refused():
+  from fanas_jax.model import check_config
+  from configs import default
+  cfg = default.get_config().model
+  cfg.supernet_impl = "fused"
+  with pytest.raises(ValueError, match="model.supernet_impl='fused'.*per_op, stacked"):
+    check_config(cfg)
