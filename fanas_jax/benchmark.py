@@ -47,7 +47,7 @@ import optax
 
 from fanas_jax import cost, parallel, retrieval, steps
 from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
-from fanas_jax.model import DTYPES, make_model
+from fanas_jax.model import DTYPES, SUPERNET_IMPLS, make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.ops import OPS, ORIGINAL_OPS, OpOptions, local_attention
 from fanas_jax.ops.attention import IMPLEMENTATIONS, default_backend
@@ -175,6 +175,13 @@ def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: st
 
 
 def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
+  """_search_rows_at for each --search_sizes map side and --supernet_impls."""
+  return [row for size in a.search_sizes for impl in a.supernet_impls
+          for row in _search_rows_at(a, mesh, size, impl)]
+
+
+def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int,
+                    impl: str) -> list[dict[str, Any]]:
   """One weight step of the supernet, then a bilevel search step in each mode.
 
   A first-order step is an alpha pass on the architecture batch plus a weight pass
@@ -182,11 +189,11 @@ def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
   weight step and differentiates through it; Gumbel runs one sampled op per layer.
   """
   space = SearchSpace.uniform(a.search_ops)
-  width, size, batch = a.search_width, 32, a.search_batch * mesh.size
+  width, batch = a.search_width, a.search_batch * mesh.size
   objective = make_objective("car", types.SimpleNamespace(
-      image_size=size, num_boxes=4, box_size=8))
+      image_size=size, num_boxes=4, box_size=size // 4))
   model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
-                     attention_impl=a.impls[0], out_channels=3)
+                     attention_impl=a.impls[0], supernet_impl=impl, out_channels=3)
   alphas = steps.init_alphas(space, jax.random.key(0), 1e-3)
   w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
   state = parallel.replicate(steps.init_search_state(
@@ -200,9 +207,9 @@ def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
   weight_step = steps.make_train_step(model, objective, w_tx, alphas=alphas)
   weight = measure(weight_step, (train_state, w_batch, jax.random.key(2)),
                    a.iters, a.warmup)
-  ops = f"{len(a.search_ops)} ops"
-  common = dict(kind="search", image_size=size, devices=mesh.size)
-  rows = [dict(name=f"supernet weight step ({ops}, C={width}, 32x32)", batch=batch,
+  ops = f"{len(a.search_ops)} ops, {impl}"
+  common = dict(kind="search", image_size=size, devices=mesh.size, supernet_impl=impl)
+  rows = [dict(name=f"supernet weight step ({ops}, C={width}, {size}x{size})", batch=batch,
                macs=macs, **common, **weight)]
   for mode in a.search_modes:
     tau = (lambda step: 1.0) if mode == "gumbel" else None
@@ -211,7 +218,7 @@ def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
                      a.warmup)
     # Analytic MACs: the mixture's two passes; a sampled path runs about 1/n_ops.
     mode_macs = 2 * macs // (len(a.search_ops) if mode == "gumbel" else 1)
-    rows.append(dict(name=f"supernet search step, {mode} ({ops}, C={width}, 32x32)",
+    rows.append(dict(name=f"supernet search step, {mode} ({ops}, C={width}, {size}x{size})",
                      batch=2 * batch, macs=mode_macs, **common,
                      vs_weight_step=result["median_ms"] / weight["median_ms"], **result))
   return rows
@@ -366,6 +373,23 @@ def table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _search_problems(a: argparse.Namespace, split: Callable[[str], list[str]]) -> list[str]:
+  """What is wrong with the supernet rows' own flags (--search_sizes parsed here)."""
+  problems = []
+  if not a.supernet_impls or set(a.supernet_impls) - set(SUPERNET_IMPLS):
+    problems.append(f"--supernet_impls takes {', '.join(SUPERNET_IMPLS)}, "
+                    f"got {a.supernet_impls}")
+  try:
+    a.search_sizes = [int(x) for x in split(a.search_sizes)]
+  except ValueError:
+    problems.append(f"--search_sizes takes integers, got {a.search_sizes!r}")
+  else:
+    if not a.search_sizes or any(n < 4 or n % 4 for n in a.search_sizes):
+      problems.append(f"--search_sizes takes multiples of 4 (two reduce stages), "
+                      f"got {a.search_sizes}")
+  return problems
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
                               description=__doc__.split("\n\n")[0])
@@ -392,6 +416,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
   p.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
                  help="the supernet's candidates (fewer compile faster on CPU)")
+  p.add_argument("--supernet_impls", default=",".join(SUPERNET_IMPLS),
+                 help="mixture-layer implementations to time side by side")
+  p.add_argument("--search_sizes", default="32",
+                 help="supernet map sides (multiples of 4; comma list)")
   p.add_argument("--input_dataset", default="sklearn_digits",
                  help="input suite: a registered dataset or folder:/path")
   p.add_argument("--input_split", default="train")
@@ -414,7 +442,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   a.suite, a.impls, a.nets, a.modules, a.search_modes, a.search_ops = (
       split(x) for x in (a.suite, a.impls, a.nets, a.modules, a.search_modes,
                          a.search_ops))
-  problems = []
+  a.supernet_impls = split(a.supernet_impls)
+  problems = _search_problems(a, split)
   if not a.suite or set(a.suite) - set(SUITES):
     problems.append(f"--suite takes ops, nets, input and/or retrieval, got {a.suite}")
   try:

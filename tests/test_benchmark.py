@@ -30,12 +30,29 @@ def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
     (["--modules=conv3"], "unknown ops ['conv3']"),
     (["--search_modes=third_order"], "--search_modes takes"),
     (["--channels=30", "--heads=8"], "must split into --heads"),
+    (["--supernet_impls=fused"], "--supernet_impls takes per_op, stacked"),
+    (["--search_sizes=6"], "--search_sizes takes multiples of 4"),
 ])
 def test_bad_arguments_are_refused_before_compute(args, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     benchmark.parse_args(args)
   assert exit_info.value.code == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_rows_time_each_supernet_impl_side_by_side(tmp_path):
+  """The weight-step rows only (no --search_modes): one compile per implementation."""
+  result = benchmark.main([
+      "--suite=nets", "--nets=search", "--search_ops=local3_h4,local5_h4",
+      "--search_modes=", "--search_sizes=8", "--search_batch=2",
+      "--dtype=float32", "--iters=2", "--warmup=0", f"--json={tmp_path / 'b.json'}"])
+  rows = result["rows"]
+  assert [(r["supernet_impl"], r["image_size"]) for r in rows] == [
+      ("per_op", 8), ("stacked", 8)]
+  assert rows[1]["name"] == "supernet weight step (2 ops, stacked, C=16, 8x8)"
+  for row in rows:
+    assert row["median_ms"] > 0 and row["compile_s"] > 0
 
 
 def test_input_suite_times_the_real_pipeline(tmp_path):
