@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 def _run(workdir, *overrides):
   cmd = [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
          f"--workdir={workdir}", *overrides]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2700)
 
 
 @pytest.fixture(scope="module")
