@@ -10,13 +10,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fanas_jax import config_checks, experiment, parallel
+from fanas_jax import config_checks, config_files, experiment, parallel
 from fanas_jax.data.pipeline import BadExampleError
 from fanas_jax.builders import Builder
 from fanas_jax.loop import NonFiniteError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
+    "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT (a "
+    "packaged config when no such file is in the working directory).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for results, checkpoints and logs; rerun to resume.")
@@ -76,7 +77,12 @@ def _unknown_override(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with one clear line instead of a traceback for bad overrides."""
+  """absl flag parsing, with one clear line instead of a traceback for a missing
+  config file or a bad override."""
+  try:
+    argv = config_files.resolve_config_flag(argv, "fanas_jax")
+  except FileNotFoundError as e:
+    _fail(str(e))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -1,4 +1,4 @@
-"""Test-session setup: repo root importable (for configs/), data and the XLA
+"""Test-session setup: repo root importable (for tests.*), data and the XLA
 compilation cache in temp dirs."""
 import os
 import sys

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import optim, parallel
 from fanas_jax.genotype import named_genotype, search_space_from_config
 from fanas_jax.model import make_model

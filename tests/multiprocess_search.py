@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import optim, parallel
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset

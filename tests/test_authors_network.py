@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from fanas_jax.configs import default
 from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
 from fanas_jax.model import (CARDecoder, ClassifierHead, align_corners_matrix,
                              check_config, make_model, model_options,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import experiment
 from fanas_jax.baseline import legal_stage_choices, random_genotypes, rank_stats
 from fanas_jax.cost import network_cost

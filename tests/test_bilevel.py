@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from configs import default, quickstart
+from fanas_jax.configs import default, quickstart
 from fanas_jax import optim
 from fanas_jax.config_checks import ConfigError, validate
 from fanas_jax.genotype import SearchSpace

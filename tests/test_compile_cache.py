@@ -7,7 +7,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import numpy as np
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import compile_cache, config_checks
 
 

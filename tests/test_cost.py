@@ -20,7 +20,7 @@ import pytest
 from jax.extend import core as jcore
 from jax.extend.core import primitives
 
-from configs import default
+from fanas_jax.configs import default
 from fanas_jax import cost, experiment
 from fanas_jax.data.datasets import get_dataset
 from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default, quickstart
+from fanas_jax.configs import default, quickstart
 from fanas_jax import config_checks, optim
 from fanas_jax.cpc import CPCHead, extract_patches, info_nce
 from fanas_jax.data import pipeline

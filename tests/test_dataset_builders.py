@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
+from fanas_jax.configs import default
 from fanas_jax.builders import Builder
 from fanas_jax.data import archives, cifar, datasets, imagenet, pipeline, prepare
 from fanas_jax.data.archives import ArchiveError

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default, quickstart
+from fanas_jax.configs import default, quickstart
 from fanas_jax import evaluators, experiment, parallel
 from fanas_jax.objectives import box_mask, make_objective
 from fanas_jax.registry import ConfigError

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import config_checks, logging_utils
 from fanas_jax.train import load_final_variables
 from tests.conftest import ROOT

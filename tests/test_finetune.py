@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import finetune, optim
 from fanas_jax.config_checks import validate
 from fanas_jax.genotype import Genotype, named_genotype

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import experiment, inherit
 from fanas_jax.checkpoint import StageCheckpointer
 from fanas_jax.config_checks import validate

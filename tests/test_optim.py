@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from fanas_jax.configs import default
 from fanas_jax import optim
 
 STEPS = 7  # steps per epoch
@@ -151,7 +151,7 @@ def _numpy_adam(grads, lr, b1, b2, eps=1e-8):
 @pytest.mark.parametrize("scale", [1.0, 600.0])
 def test_alpha_optimizer_steps_with_the_scaled_lr(scale):
   from fanas_jax.builders import Builder
-  from configs import quickstart
+  from fanas_jax.configs import quickstart
   config = quickstart.get_config()
   cfg = config.search_phase1
   cfg.a_weight_decay = 0.0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
-from configs.paper import cifar_search, cifar_train, imagenet_train
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import cifar_search, cifar_train, imagenet_train
 from fanas_jax import config_checks, experiment
 from fanas_jax.builders import Builder
 from fanas_jax.data import datasets, pipeline

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs.paper import finegrained
+from fanas_jax.configs.paper import finegrained
 from fanas_jax import config_checks, experiment
 from fanas_jax.data import prepare
 from fanas_jax.genotype import named_genotype

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs.paper import retrieval as paper_retrieval
+from fanas_jax.configs.paper import retrieval as paper_retrieval
 from fanas_jax import experiment
 from fanas_jax.config_checks import validate
 from fanas_jax.data import pipeline, prepare

@@ -121,7 +121,7 @@ def test_padded_evaluation_equals_a_numpy_loop(tmp_path, eval_batch):
 
 
 def _quick_config(**overrides):
-  from configs import quickstart
+  from fanas_jax.configs import quickstart
   config = quickstart.get_config("tiny")
   config.update(overrides)
   return config

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 import pytest
 
-from configs import default
+from fanas_jax.configs import default
 from fanas_jax.data import datasets, pipeline, transforms
 
 CIFAR = datasets.get_dataset("cifar10")

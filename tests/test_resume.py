@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import experiment, logging_utils
 from fanas_jax.builders import Builder
 from fanas_jax.train import load_final_variables

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax import experiment, retrieval
 from fanas_jax.config_checks import validate
 from fanas_jax.objectives import make_objective, multi_similarity_loss

@@ -12,7 +12,7 @@ from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.search import select_epoch
 from fanas_jax.steps import init_alphas, init_search_state, make_loss_fn, make_search_step
-from configs import default
+from fanas_jax.configs import default
 
 SPACE = SearchSpace.uniform(("local3_h4", "local3_h8", "nonlocal"))
 

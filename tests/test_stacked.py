@@ -168,7 +168,7 @@ def test_bad_offset_bias_and_inner_window_are_errors():
 
 def test_unknown_supernet_impl_is_refused():
   from fanas_jax.model import check_config
-  from configs import default
+  from fanas_jax.configs import default
   cfg = default.get_config().model
   cfg.supernet_impl = "fused"
   with pytest.raises(ValueError, match="model.supernet_impl='fused'.*per_op, stacked"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax.config_checks import ConfigError, validate
 from fanas_jax.stage import Need, provider
 from fanas_jax.stages import STAGES

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from fanas_jax import config_files
 from fanas_jax.cost import load_genotype, network_cost
 from fanas_jax.genotype import search_space_from_config
 
@@ -15,7 +16,8 @@ def _define_flags() -> None:
   """Called only when run as a program, so importing this module defines no flags."""
   from ml_collections import config_flags
   config_flags.DEFINE_config_file(
-      "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT.",
+      "config", None, "Config file: configs/NAME.py or configs/NAME.py:VARIANT (a "
+      "packaged config when no such file is in the working directory).",
       lock_config=True)
   flags.DEFINE_string("genotype", None, "A named genotype (default 'original') or the "
                       "path of a genotype JSON (a derive stage's genotype.json).")
@@ -38,8 +40,9 @@ def _fail(message: str) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    return flags.FLAGS(config_files.resolve_config_flag(argv, "fanas_jax.cost"))
+  except (flags.Error, FileNotFoundError, KeyError, AttributeError, TypeError,
+          ValueError) as e:
     _fail(str(e))
   return []
 

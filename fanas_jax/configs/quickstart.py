@@ -6,7 +6,7 @@ step and derive rule are the paper's. Digits are not mirror-symmetric, so the
 supervised stages train without horizontal flips.
 `configs/quickstart.py:tiny` is the seconds-long variant the end-to-end test runs.
 """
-from configs import default
+from fanas_jax.configs import default
 
 
 def get_config(arg: str | None = None):

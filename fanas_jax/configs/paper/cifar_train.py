@@ -11,8 +11,8 @@ it derived, in one workdir); 'tiny' makes either run in seconds.
   python -m fanas_jax.main --config=configs/paper/cifar_train.py --workdir=DIR
   python -m fanas_jax.main --config=configs/paper/cifar_train.py:searched --workdir=DIR
 """
-from configs import default
-from configs.paper import _variants, cifar_search
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import _variants, cifar_search
 
 
 def get_config(arg: str | None = None):

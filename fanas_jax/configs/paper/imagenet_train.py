@@ -11,8 +11,8 @@ workdir); 'tiny': 64x64 inputs, width 16, one epoch, in seconds.
 
   python -m fanas_jax.main --config=configs/paper/imagenet_train.py --workdir=DIR
 """
-from configs import default
-from configs.paper import _variants
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import _variants
 
 
 def get_config(arg: str | None = None):

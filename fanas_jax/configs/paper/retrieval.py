@@ -24,8 +24,8 @@ Ks 1 and 2, in seconds.
 The weights name the network (genotype and width, as in finegrained.py); the
 embedding head and the proxies are new.
 """
-from configs import default
-from configs.paper import _variants
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import _variants
 from fanas_jax.retrieval import CLASS_SPLITS
 
 # variant -> dataset; the splits and Ks are fanas_jax.retrieval.CLASS_SPLITS'.

@@ -14,8 +14,8 @@ Variants: the dataset, one of 'cub' (default; caltech_birds2011 train/test), 'ca
   python -m fanas_jax.main --config=configs/paper/finegrained.py:cars --workdir=DIR \\
     --config.finetune.pretrained=RUNS/in1k/train --config.data_dir=DATA_DIR
 """
-from configs import default
-from configs.paper import _variants
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import _variants
 
 # variant -> (dataset, training split, test split)
 DATASETS = {"cub": ("caltech_birds2011", "train", "test"),

@@ -11,8 +11,8 @@ derive.rule='greedy' is the authors' layer-by-layer parser under the same limits
   python -m fanas_jax.main --config=configs/paper/cifar_search.py --workdir=DIR
   (:tiny runs it in seconds on small data: the test's fabricated datasets)
 """
-from configs import default
-from configs.paper import _variants
+from fanas_jax.configs import default
+from fanas_jax.configs.paper import _variants
 
 
 def get_config(arg: str | None = None):

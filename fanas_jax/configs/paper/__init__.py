@@ -1,0 +1,1 @@
+"""The paper's experiments (README: "The paper's experiments")."""
