@@ -1,4 +1,8 @@
-"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs."""
+"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs.
+
+jax, flax, orbax-checkpoint and grain are capped at the newest minor release tested;
+constraints/py311.txt and constraints/py313.txt pin every version tested.
+"""
 from setuptools import find_packages, setup
 
 setup(
@@ -12,14 +16,14 @@ setup(
         "absl-py",
         "array-record",
         "chex",
-        "flax>=0.10",
-        "grain>=0.2.10",
-        "jax>=0.6",
+        "flax>=0.10,<0.13",
+        "grain>=0.2.10,<0.3",
+        "jax>=0.6,<0.13",
         "matplotlib",
         "ml-collections",
         "numpy",
         "optax",
-        "orbax-checkpoint",
+        "orbax-checkpoint<0.13",
         "pillow",
         "scikit-learn",
         "tensorboardX",
