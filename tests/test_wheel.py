@@ -57,7 +57,8 @@ def _fresh_venv(tmp_path) -> str:
 @pytest.mark.slow
 def test_the_installed_wheel_runs_its_configs_outside_the_source_tree(tmp_path):
   wheel = _build_wheel(tmp_path)
-  packaged = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("fanas_jax/configs/")}
+  with zipfile.ZipFile(wheel) as archive:
+    packaged = {n for n in archive.namelist() if n.startswith("fanas_jax/configs/")}
   in_tree = {os.path.relpath(p, ROOT).replace(os.sep, "/")
              for p in glob.glob(os.path.join(ROOT, "fanas_jax", "configs", "**", "*.py"),
                                 recursive=True)}
