@@ -127,35 +127,37 @@ class Backbone(nn.Module):
       x = batch_norm(train, self.dtype, use_scale=affine, use_bias=affine,
                      name=f"{name}_pre_bn")(x)
       for l in range(LAYERS_PER_STAGE):
-        ops = tuple(self.layer_ops[s][l])
         stride = 2 if (kind == "reduce" and l == 0) else 1
-        options = dict(features=width, stride=stride, dtype=self.dtype,
-                       attention_impl=self.attention_impl, border=self.border,
-                       relu_after_add=self.relu_after_add,
-                       zero_init_residual=self.zero_init_residual)
-        if len(ops) > 1 and path is not None:
-          x = self._sampled_layer(options, ops, f"{name}_layer{l + 1}", x,
-                                  path[name][l], train)
-          continue
-        if len(ops) > 1 and alphas is None:
-          raise ValueError("A supernet (several candidates per layer) needs alphas "
-                           "or a sampled path.")
-        if len(ops) > 1:
-          mask = None if op_mask is None else op_mask[name]
-          w = mixture_weights(alphas[name], mask)[l]
-        if (len(ops) > 1 and self.supernet_impl == "stacked"
-            and not self.is_initializing()):
-          layer = LayerSpec(ops, width, stride, op_options, self.relu_after_add)
-          x = self._stacked_layer(layer, f"{name}_layer{l + 1}", x, w, train)
-          continue
-        outs = [Bottleneck(op, name=f"{name}_layer{l + 1}_{op}", **options)(x, train)
-                for op in ops]
-        if len(outs) == 1:
-          x = outs[0]
-        else:
-          x = sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
+        x = self._layer(s, l, width, stride, x, alphas, op_mask, path, train)
       features[name] = x
     return features
+
+  def _layer(self, s: int, l: int, width: int, stride: int, x: jax.Array,
+             alphas: Mapping[str, jax.Array] | None,
+             op_mask: Mapping[str, jax.Array] | None,
+             path: Mapping[str, jax.Array] | None, train: bool) -> jax.Array:
+    """Layer l of stage s: its one op, or the mixture of its candidates (per op,
+    stacked, or the sampled path's single op)."""
+    ops, name = tuple(self.layer_ops[s][l]), stage_name(s)
+    prefix = f"{name}_layer{l + 1}"
+    options = dict(features=width, stride=stride, dtype=self.dtype,
+                   attention_impl=self.attention_impl, border=self.border,
+                   relu_after_add=self.relu_after_add,
+                   zero_init_residual=self.zero_init_residual)
+    if len(ops) == 1:
+      return Bottleneck(ops[0], name=f"{prefix}_{ops[0]}", **options)(x, train)
+    if path is not None:
+      return self._sampled_layer(options, ops, prefix, x, path[name][l], train)
+    if alphas is None:
+      raise ValueError("A supernet (several candidates per layer) needs alphas "
+                       "or a sampled path.")
+    w = mixture_weights(alphas[name], None if op_mask is None else op_mask[name])[l]
+    if self.supernet_impl == "stacked" and not self.is_initializing():
+      layer = LayerSpec(ops, width, stride, OpOptions(self.dtype, self.attention_impl,
+                                                      self.border), self.relu_after_add)
+      return self._stacked_layer(layer, prefix, x, w, train)
+    outs = [Bottleneck(op, name=f"{prefix}_{op}", **options)(x, train) for op in ops]
+    return sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
 
   def _stacked_layer(self, layer: LayerSpec, prefix: str, x: jax.Array,
                      weights: jax.Array, train: bool) -> jax.Array:

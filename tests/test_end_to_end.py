@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from configs import quickstart
 from fanas_jax.genotype import Genotype, DeriveLimits
-from fanas_jax.ops.layers import ORIGINAL_OPS
 from tests.conftest import ROOT
 
 
@@ -39,7 +40,7 @@ def test_pipeline_writes_every_output(finished_run):
 
   record = json.load(open(os.path.join(workdir, "genotype.json")))
   genotype = Genotype.from_dict(record["genotype"])
-  assert all(op in ORIGINAL_OPS for ops in genotype.stages for op in ops)
+  assert all(op in quickstart.TINY_CANDIDATES for ops in genotype.stages for op in ops)
   assert sum(len(ops) for ops in genotype.stages) == 15
   genotype.check_limits(DeriveLimits(1, 1))
   assert record["rule"] == "constrained" and record["from_stage"] == "search_phase2"
@@ -59,8 +60,8 @@ def test_pipeline_writes_every_output(finished_run):
   stages = {json.loads(l)["stage"] for l in open(os.path.join(workdir, "metrics.jsonl"))}
   search = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
             if '"search_phase1"' in l]
-  probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in ORIGINAL_OPS]
-  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage5/layer3"] <= 1.946
+  probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in quickstart.TINY_CANDIDATES]
+  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage5/layer3"] <= np.log(2)
   # How decided: the logged top-op probability and margin are those of the logged mixture.
   top2 = sorted(probs)[-2:]
   assert abs(search[-1]["top_prob/stage1/layer1"] - top2[1]) < 1e-6

@@ -4,7 +4,8 @@ run ends, bitwise.
 SIGKILL mid-search and mid-training, SIGTERM (preemption), a truncated newest
 checkpoint, a NaN loss (stop or roll back), and which checkpoints stay. Runs are
 tiny (the digits' test split, 5 search and 6 training steps per epoch) and share a
-persistent XLA compilation cache, so only the uninterrupted reference run compiles.
+persistent XLA compilation cache (tests/conftest.py), so only the uninterrupted
+reference run compiles, and only when the cache does not hold its programs yet.
 """
 import fcntl
 import glob
@@ -121,14 +122,14 @@ def _assert_same_training(workdir, reference):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-  """(compilation cache, uninterrupted reference workdir), made once per test session
-  even when xdist spreads this module's tests over several workers."""
+  """(the tests' compilation cache, uninterrupted reference workdir), made once per
+  test session even when xdist spreads this module's tests over several workers."""
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # Shared by the session's workers.
   root = root / "faults_shared"
   root.mkdir(exist_ok=True)
-  cache, reference = str(root / "xla_cache"), str(root / "reference")
+  cache, reference = os.environ["JAX_COMPILATION_CACHE_DIR"], str(root / "reference")
   with open(root / "lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(os.path.join(reference, "train", "result.json")):

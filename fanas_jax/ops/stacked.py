@@ -22,6 +22,7 @@ both implementations.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -130,26 +131,23 @@ def _other_op(y: jax.Array, op: str, params: Tree, stats: Tree, inner: int,
 def _middle(y: jax.Array, layer: LayerSpec, order: list[int], params: list[Tree],
             stats: list[Tree], train: bool) -> tuple[jax.Array, dict[int, Tree]]:
   """The attention ops on y [n, B, H, W, inner], in stacked order; also the new
-  statistics of ops that keep their own (by position)."""
-  ops = [layer.ops[i] for i in order]
-  outs, op_stats, start = [], {}, 0
-  while start < len(ops):
-    spec = OPS.get(ops[start], key="op")
-    if spec.window is None:
-      out, new = _other_op(y[start], ops[start], params[start], stats[start],
-                           y.shape[-1], layer.options, train)
-      outs.append(out[None])
-      if new is not None:
-        op_stats[start] = new
-      start += 1
+  statistics of ops that keep their own (by position). Local ops with the same head
+  count run as one group; every other op runs alone."""
+  specs = [OPS.get(layer.ops[i], key="op") for i in order]
+  group_of = lambda i: (i if specs[i].window is None else -1, specs[i].num_heads)
+  outs, op_stats = [], {}
+  for _, members in itertools.groupby(range(len(specs)), key=group_of):
+    idx = list(members)
+    start, stop = idx[0], idx[-1] + 1
+    if specs[start].window is not None:
+      ops = [layer.ops[i] for i in order[start:stop]]
+      outs.append(_local_group(y[start:stop], ops, params[start:stop], layer.options))
       continue
-    stop = start
-    while (stop < len(ops) and OPS.get(ops[stop], key="op").window is not None
-           and OPS.get(ops[stop], key="op").num_heads == spec.num_heads):
-      stop += 1
-    outs.append(_local_group(y[start:stop], ops[start:stop], params[start:stop],
-                             layer.options))
-    start = stop
+    out, new = _other_op(y[start], layer.ops[order[start]], params[start], stats[start],
+                         y.shape[-1], layer.options, train)
+    outs.append(out[None])
+    if new is not None:
+      op_stats[start] = new
   return jnp.concatenate(outs), op_stats
 
 

@@ -10,3 +10,13 @@ def parse(arg: str | None, choices: tuple[str, ...], config: str) -> set[str]:
     raise ValueError(f"Unknown {config} variant {unknown[0]!r}; valid choices: "
                      f"{', '.join(choices)} (several joined by ',').")
   return names
+
+
+def one_of(variants: set[str], options: tuple[str, ...], default: str, config: str,
+           what: str) -> str:
+  """The one of `options` named among `variants` (`default` if none); two are an error."""
+  chosen = sorted(variants & set(options))
+  if len(chosen) > 1:
+    raise ValueError(f"{config}: choose one {what} of {', '.join(options)}; "
+                     f"got {', '.join(chosen)}.")
+  return chosen[0] if chosen else default

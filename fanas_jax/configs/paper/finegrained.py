@@ -25,11 +25,8 @@ DATASETS = {"cub": ("caltech_birds2011", "train", "test"),
 
 def get_config(arg: str | None = None):
   variants = _variants.parse(arg, (*DATASETS, "448", "tiny"), "finegrained")
-  chosen = sorted(variants & DATASETS.keys())
-  if len(chosen) > 1:
-    raise ValueError(f"finegrained: choose one dataset of {', '.join(DATASETS)}; "
-                     f"got {', '.join(chosen)}.")
-  dataset, split, test_split = DATASETS[chosen[0] if chosen else "cub"]
+  dataset, split, test_split = DATASETS[_variants.one_of(
+      variants, tuple(DATASETS), "cub", "finegrained", "dataset")]
   c = default.get_config()
   c.stages = "finetune"
   c.dataset = dataset

@@ -43,11 +43,7 @@ def _classes(dataset: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def get_config(arg: str | None = None):
   variants = _variants.parse(arg, (*DATASETS, "multi_similarity", "tiny"), "retrieval")
-  chosen = sorted(variants & DATASETS.keys())
-  if len(chosen) > 1:
-    raise ValueError(f"retrieval: choose one benchmark of {', '.join(DATASETS)}; "
-                     f"got {', '.join(chosen)}.")
-  benchmark = chosen[0] if chosen else "cub"
+  benchmark = _variants.one_of(variants, tuple(DATASETS), "cub", "retrieval", "benchmark")
   dataset = DATASETS[benchmark]
   split = CLASS_SPLITS.get(dataset)
   train_classes, test_classes = _classes(dataset)
