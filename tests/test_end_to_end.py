@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import quickstart
+from fanas_jax.configs import quickstart
 from fanas_jax.genotype import Genotype, DeriveLimits
 from tests.conftest import ROOT
 
