@@ -1,4 +1,5 @@
-"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs."""
+"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs (the
+notebook tests too)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -26,5 +27,6 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={"test": ["ipykernel", "jupytext", "nbclient", "nbformat", "pytest",
+                             "pytest-xdist"]},
 )
