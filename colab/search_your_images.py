@@ -54,7 +54,9 @@ SHORTER = [] if TINY else [
     "--config.search_phase2.alpha_reference_steps=390500",
     "--config.search_phase2.alpha_lr_scale_max=10000.0",
     "--config.train.epochs=30", "--config.train.warmup_epochs=2"]
-PER_CLASS = (8, 4) if TINY else (60, 20)  # generated (train, test) images per class
+# Generated (train, test) images. Tiny: 32 training images, so each search phase and
+# the training take as many steps per epoch as the tests' tiny runs.
+IMAGES_PER_SPLIT = (32, 20) if TINY else (600, 200)
 
 # %%
 import codecs
@@ -127,17 +129,17 @@ def draw(shape: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.
   return image
 
 
-def write_folder(root: str, per_class: tuple[int, int], seed: int = 0) -> None:
-  """root/{train,test}/SHAPE/NNN.png, per_class images per split."""
+def write_folder(root: str, counts: tuple[int, int], seed: int = 0) -> None:
+  """root/{train,test}/SHAPE/NNN.png: counts[k] images in split k, the classes in turn."""
   rng = np.random.default_rng(seed)
-  for split, count in zip(("train", "test"), per_class):
-    for shape in SHAPES:
+  for split, count in zip(("train", "test"), counts):
+    for i in range(count):
+      shape = SHAPES[i % len(SHAPES)]
       os.makedirs(os.path.join(root, split, shape), exist_ok=True)
-      for i in range(count):
-        draw(shape, rng).save(os.path.join(root, split, shape, f"{i:03d}.png"))
+      draw(shape, rng).save(os.path.join(root, split, shape, f"{i:03d}.png"))
 
 
-write_folder(IMAGES, PER_CLASS)
+write_folder(IMAGES, IMAGES_PER_SPLIT)
 
 # %%
 import matplotlib.pyplot as plt
@@ -156,7 +158,8 @@ def show(images: list, titles: list[str], columns: int = 10) -> None:
   plt.show()
 
 
-show([Image.open(os.path.join(IMAGES, "train", s, "000.png")) for s in SHAPES], list(SHAPES))
+show([Image.open(os.path.join(IMAGES, "train", s, f"{k:03d}.png")) for k, s in enumerate(SHAPES)],
+     list(SHAPES))
 
 # %% [markdown]
 # ## Search, derive, train, evaluate
@@ -216,7 +219,7 @@ model = make_model(trained.genotype.layer_ops(), trained.width, "classifier",
 classify = jax.jit(lambda images: model.apply(trained.variables, images, train=False))
 
 test = pipeline.load_split(DATASET, "test")
-few = test[::PER_CLASS[1]]  # the first test image of each class
+few = test[::IMAGES_PER_SPLIT[1] // len(SHAPES)]  # the first test image of each class
 batch = next(pipeline.eval_batches(few, batch_size=config.eval_batch_size,
                                    preprocess=eval_preprocess(config.train, IMAGE_SIZE, spec)))
 predicted = np.asarray(classify(batch["image"])).argmax(-1)
