@@ -129,7 +129,7 @@ PLOTS = [("search_phase1", "a_loss"), ("search_phase2", "a_loss"),
 fig, axes = plt.subplots(1, len(PLOTS), figsize=(4 * len(PLOTS), 3))
 for ax, (stage, key) in zip(axes, PLOTS):
   points = [(r["step"], r[key]) for r in records if r["stage"] == stage and key in r]
-  ax.plot(*zip(*points), marker="o")
+  ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
   ax.set_title(f"{stage}/{key}", fontsize=9)
   ax.set_xlabel("step")
 fig.tight_layout()
