@@ -1,4 +1,5 @@
-"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs.
+"""Installs fanas_jax; `pip install -e .[test]` adds what the test suite needs (the
+notebook tests too).
 
 jax, flax, orbax-checkpoint and grain are capped at the newest minor release tested;
 constraints/py311.txt and constraints/py313.txt pin every version tested.
@@ -30,5 +31,6 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={"test": ["ipykernel", "jupytext", "nbclient", "nbformat", "pytest",
+                             "pytest-xdist"]},
 )
