@@ -433,7 +433,7 @@ def _finish(rows: list[dict[str, Any]], dtype: Any) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-  head = (f"{'benchmark':58s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
+  head = (f"{'benchmark':66s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
           f"{'img/s/dev':>9s} {'input/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'MiB':>8s} {'compile s':>9s}")
   lines = [head, "-" * len(head)]
@@ -441,7 +441,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     ratio = r.get("vs_global", r.get("vs_weight_step"))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines.append(
-        f"{r['name']:58s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
+        f"{r['name']:66s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
         f"{fmt(r.get('img_per_s'), '9.1f')} {fmt(r.get('img_per_s_per_device'), '9.1f')} "
         f"{fmt(r.get('input_vs_step'), '10.2f')} {r['tflops']:8.3f} "
         f"{fmt(r['mfu'], '6.1%')} {fmt(r['memory_mib'], '8.1f')} {r['compile_s']:9.1f}")
