@@ -13,7 +13,13 @@ elsewhere), each local window in both implementations, and every registered op a
 a module. Each row carries its ratio to global attention, measured in the same
 run. The nets suite times the real training step of the original genotype (CIFAR
 C=96 and ImageNet C=112) and the bilevel search step of the supernet beside one
-plain weight step of the same supernet. Network steps run data-parallel on a
+plain weight step of the same supernet, for each `--supernet_impls`, each
+`--search_sizes` map side and each `--search_candidates` count N (a supernet of the
+first N of `--search_ops`), so one run gives the scaling table. With
+`--single_op_ratio` it also times, at each map side, the weight step of every
+candidate's single-op network (the plain network of that op, same width, head and
+batch), and each supernet weight step carries its ratio to the sum of its
+candidates' (`vs_single_ops`). Network steps run data-parallel on a
 'data' mesh over `--devices` devices (default all), with `--net_batch` and
 `--search_batch` images per device, and report img/s per device. The input suite
 times the real input pipeline (grain over TFDS or an image folder, with
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import types
@@ -46,7 +53,8 @@ import numpy as np
 import optax
 
 from fanas_jax import cost, parallel, retrieval, steps
-from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
+from fanas_jax.genotype import (LAYERS_PER_STAGE, NAMED_GENOTYPES, NUM_STAGES, Genotype,
+                               SearchSpace)
 from fanas_jax.model import DTYPES, SUPERNET_IMPLS, make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.ops import OPS, ORIGINAL_OPS, OpOptions, local_attention
@@ -58,6 +66,8 @@ PEAK_FLOPS_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12
 NETS = ("cifar", "imagenet", "search")
 SUITES = ("ops", "nets", "input", "retrieval")
 INPUT_MIN_BATCHES = 50
+# Backbone variables of one layer's op: backbone/stage{s}_layer{l}_{op}.
+_LAYER_VARIABLES = re.compile(r"stage\d+_layer\d+_(.+)")
 
 
 def _peak_flops(dtype: Any) -> float | None:
@@ -152,6 +162,13 @@ def _synthetic_batch(batch: int, size: int, channels: int, classes: int,
        "label": rng.integers(0, classes, batch).astype(np.int32)}, mesh)
 
 
+def _train_state(variables: Any, tx: optax.GradientTransformation,
+                 mesh: Any) -> steps.TrainState:
+  return parallel.replicate(steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
+
+
 def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: str,
                classes: int, mesh: Any) -> dict[str, Any]:
   """The real training step (loss, backward, SGD) of the original genotype."""
@@ -161,10 +178,8 @@ def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: st
                      dtype=DTYPES[a.dtype], attention_impl=a.impls[0],
                      num_classes=classes, dropout=0.0)
   tx = optax.sgd(0.01, momentum=0.9)
-  variables = steps.init_variables(model, jax.random.key(0), (1, size, size, 3))
-  state = parallel.replicate(steps.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])), mesh)
+  state = _train_state(steps.init_variables(model, jax.random.key(0), (1, size, size, 3)),
+                       tx, mesh)
   step = steps.make_train_step(model, make_objective("supervised", None), tx)
   macs = cost.network_cost(genotype.layer_ops(), width, size, stem=stem,
                            num_classes=classes).macs
@@ -174,24 +189,82 @@ def _train_row(name: str, a: argparse.Namespace, width: int, size: int, stem: st
               devices=mesh.size, macs=batch * macs, **result)
 
 
+def _car_objective(size: int) -> Any:
+  return make_objective("car", types.SimpleNamespace(
+      image_size=size, num_boxes=4, box_size=size // 4))
+
+
+def _variable_summary(params: Any) -> dict[str, Any]:
+  """What a row's network is, read from its own variable tree: the ops its layers'
+  variables belong to and the backbone's weight count."""
+  backbone = params["backbone"]
+  ops = {m.group(1) for name in backbone if (m := _LAYER_VARIABLES.fullmatch(name))}
+  return dict(param_ops=sorted(ops),
+              backbone_params=int(sum(x.size for x in jax.tree.leaves(backbone))))
+
+
 def _search_rows(a: argparse.Namespace, mesh: Any) -> list[dict[str, Any]]:
-  """_search_rows_at for each --search_sizes map side and --supernet_impls."""
-  return [row for size in a.search_sizes for impl in a.supernet_impls
-          for row in _search_rows_at(a, mesh, size, impl)]
+  """For each --search_sizes map side: with --single_op_ratio the single-op networks
+  first, then the supernet rows of each --supernet_impls at each --search_candidates
+  count, so every ratio is measured side by side in one run."""
+  rows = []
+  for size in a.search_sizes:
+    singles = _single_op_rows(a, mesh, size) if a.single_op_ratio else []
+    supernets = [row for impl in a.supernet_impls for n in a.search_candidates
+                 for row in _search_rows_at(a, mesh, size, impl, a.search_ops[:n])]
+    if singles:
+      _single_op_ratios(supernets, singles)
+    rows += singles + supernets
+  return rows
 
 
-def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int,
-                    impl: str) -> list[dict[str, Any]]:
-  """One weight step of the supernet, then a bilevel search step in each mode.
+def _single_op_rows(a: argparse.Namespace, mesh: Any, size: int) -> list[dict[str, Any]]:
+  """The weight step of each candidate's plain network (every layer that op alone,
+  not a mixture of one) at the supernet's width, head, map side and batch."""
+  objective = _car_objective(size)
+  batch = a.search_batch * mesh.size
+  w_tx = optax.sgd(0.025, momentum=0.9)
+  w_batch = _synthetic_batch(batch, size, 3, 10, mesh)
+  rows = []
+  for op in a.search_ops[:max(a.search_candidates)]:
+    layer_ops = Genotype(((op,) * LAYERS_PER_STAGE,) * NUM_STAGES).layer_ops()
+    model = make_model(layer_ops, a.search_width, objective.head, dtype=DTYPES[a.dtype],
+                       attention_impl=a.impls[0], out_channels=3)
+    variables = steps.init_variables(model, jax.random.key(0), (1, size, size, 3))
+    step = steps.make_train_step(model, objective, w_tx)
+    result = measure(step, (_train_state(variables, w_tx, mesh), w_batch,
+                            jax.random.key(2)), a.iters, a.warmup)
+    macs = batch * cost.network_cost(layer_ops, a.search_width, size).macs
+    rows.append(dict(
+        name=f"single-op network {op}, weight step (C={a.search_width}, {size}x{size})",
+        kind="single op", op=op, step="weight", image_size=size, devices=mesh.size,
+        batch=batch, macs=macs, **_variable_summary(variables["params"]), **result))
+  return rows
+
+
+def _single_op_ratios(supernets: list[dict[str, Any]],
+                      singles: list[dict[str, Any]]) -> None:
+  """Each supernet weight step gets the sum of its candidates' single-op weight-step
+  medians and its ratio to it (the same kind of step, batch and map side). A search
+  step has no single-op counterpart: a plain network has no alpha to step."""
+  medians = {row["op"]: row["median_ms"] for row in singles}
+  for row in supernets:
+    if row["step"] == "weight":
+      row["single_op_sum_ms"] = sum(medians[op] for op in row["candidates"])
+      row["vs_single_ops"] = row["median_ms"] / row["single_op_sum_ms"]
+
+
+def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int, impl: str,
+                    ops: Sequence[str]) -> list[dict[str, Any]]:
+  """One weight step of the supernet of `ops`, then a bilevel search step in each mode.
 
   A first-order step is an alpha pass on the architecture batch plus a weight pass
   on the weight batch, so about two weight steps; second order adds the virtual
   weight step and differentiates through it; Gumbel runs one sampled op per layer.
   """
-  space = SearchSpace.uniform(a.search_ops)
+  space = SearchSpace.uniform(ops)
   width, batch = a.search_width, a.search_batch * mesh.size
-  objective = make_objective("car", types.SimpleNamespace(
-      image_size=size, num_boxes=4, box_size=size // 4))
+  objective = _car_objective(size)
   model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
                      attention_impl=a.impls[0], supernet_impl=impl, out_channels=3)
   alphas = steps.init_alphas(space, jax.random.key(0), 1e-3)
@@ -207,9 +280,11 @@ def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int,
   weight_step = steps.make_train_step(model, objective, w_tx, alphas=alphas)
   weight = measure(weight_step, (train_state, w_batch, jax.random.key(2)),
                    a.iters, a.warmup)
-  ops = f"{len(a.search_ops)} ops, {impl}"
-  common = dict(kind="search", image_size=size, devices=mesh.size, supernet_impl=impl)
-  rows = [dict(name=f"supernet weight step ({ops}, C={width}, {size}x{size})", batch=batch,
+  label = f"{len(ops)} ops, {impl}, C={width}, {size}x{size}"
+  common = dict(kind="search", image_size=size, devices=mesh.size, supernet_impl=impl,
+                num_candidates=len(ops), candidates=list(ops),
+                **_variable_summary(state.params))
+  rows = [dict(name=f"supernet weight step ({label})", step="weight", batch=batch,
                macs=macs, **common, **weight)]
   for mode in a.search_modes:
     tau = (lambda step: 1.0) if mode == "gumbel" else None
@@ -217,8 +292,8 @@ def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int,
     result = measure(step, (state, w_batch, a_batch, jax.random.key(2)), a.iters,
                      a.warmup)
     # Analytic MACs: the mixture's two passes; a sampled path runs about 1/n_ops.
-    mode_macs = 2 * macs // (len(a.search_ops) if mode == "gumbel" else 1)
-    rows.append(dict(name=f"supernet search step, {mode} ({ops}, C={width}, {size}x{size})",
+    mode_macs = 2 * macs // (len(ops) if mode == "gumbel" else 1)
+    rows.append(dict(name=f"supernet search step, {mode} ({label})", step=mode,
                      batch=2 * batch, macs=mode_macs, **common,
                      vs_weight_step=result["median_ms"] / weight["median_ms"], **result))
   return rows
@@ -358,7 +433,7 @@ def _finish(rows: list[dict[str, Any]], dtype: Any) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-  head = (f"{'benchmark':58s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
+  head = (f"{'benchmark':66s} {'median ms':>10s} {'ratio':>7s} {'img/s':>9s} "
           f"{'img/s/dev':>9s} {'input/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'MiB':>8s} {'compile s':>9s}")
   lines = [head, "-" * len(head)]
@@ -366,91 +441,150 @@ def table(rows: list[dict[str, Any]]) -> str:
     ratio = r.get("vs_global", r.get("vs_weight_step"))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines.append(
-        f"{r['name']:58s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
+        f"{r['name']:66s} {r['median_ms']:10.3f} {fmt(ratio, '7.2f')} "
         f"{fmt(r.get('img_per_s'), '9.1f')} {fmt(r.get('img_per_s_per_device'), '9.1f')} "
         f"{fmt(r.get('input_vs_step'), '10.2f')} {r['tflops']:8.3f} "
         f"{fmt(r['mfu'], '6.1%')} {fmt(r['memory_mib'], '8.1f')} {r['compile_s']:9.1f}")
   return "\n".join(lines)
 
 
-def _search_problems(a: argparse.Namespace, split: Callable[[str], list[str]]) -> list[str]:
-  """What is wrong with the supernet rows' own flags (--search_sizes parsed here)."""
+def _scaling_points(rows: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+  """The (supernet_impl, candidates, map side) points the search rows measured."""
+  return list(dict.fromkeys((r["supernet_impl"], r["num_candidates"], r["image_size"])
+                            for r in rows if r["kind"] == "search"))
+
+
+def scaling_table(rows: list[dict[str, Any]]) -> str:
+  """One line per supernet_impl x candidates x map side: each step's median ms and
+  compile s, and the weight step's ratio to the sum of its single-op networks'."""
+  search = {(r["supernet_impl"], r["num_candidates"], r["image_size"], r["step"]): r
+            for r in rows if r["kind"] == "search"}
+  kinds = list(dict.fromkeys(key[3] for key in search))
+  head = f"{'supernet_impl':13s} {'ops':>3s} {'size':>4s} " + " ".join(
+      f"{kind + ' ms':>15s} {'compile s':>9s}" for kind in kinds)
+  head += f" {'single-op sum ms':>16s} {'vs sum':>6s}"
+  lines = [head, "-" * len(head)]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  for impl, n, size in _scaling_points(rows):
+    cells = [search.get((impl, n, size, kind)) for kind in kinds]
+    weight = search.get((impl, n, size, "weight"), {})
+    lines.append(f"{impl:13s} {n:3d} {size:4d} " + " ".join(
+        f"{fmt(c and c['median_ms'], '15.1f')} {fmt(c and c['compile_s'], '9.1f')}"
+        for c in cells) + f" {fmt(weight.get('single_op_sum_ms'), '16.1f')} "
+        f"{fmt(weight.get('vs_single_ops'), '6.2f')}")
+  return "\n".join(lines)
+
+
+def _split(s: str) -> list[str]:
+  return [x for x in s.split(",") if x]
+
+
+def _integers(a: argparse.Namespace, name: str, what: str,
+              problems: list[str]) -> bool:
+  """Parses the comma list --name into integers in place; False (and a problem
+  saying it takes `what`) when it does not parse."""
+  try:
+    setattr(a, name, [int(x) for x in _split(getattr(a, name))])
+  except ValueError:
+    problems.append(f"--{name} takes {what}, got {getattr(a, name)!r}")
+    return False
+  return True
+
+
+def _positive(a: argparse.Namespace, *names: str) -> list[str]:
+  return [f"--{name} must be positive" for name in names if getattr(a, name) < 1]
+
+
+def _unknown_ops(flag: str, ops: Sequence[str]) -> list[str]:
+  unknown = [op for op in ops if op not in OPS]
+  return [f"{flag}: unknown ops {unknown}; valid: {', '.join(OPS.names())}"] if unknown else []
+
+
+def _general_problems(a: argparse.Namespace) -> list[str]:
+  """--suite, --devices and --iters, which every suite uses."""
+  a.suite = _split(a.suite)
+  problems = []
+  if not a.suite or set(a.suite) - set(SUITES):
+    problems.append(f"--suite takes ops, nets, input and/or retrieval, got {a.suite}")
+  if a.devices < 0 or a.devices > jax.device_count():
+    problems.append(f"--devices {a.devices}: {jax.device_count()} device(s) are "
+                    "present (0: all)")
+  return problems + _positive(a, "iters")
+
+
+def _ops_problems(a: argparse.Namespace) -> list[str]:
+  """The ops suite's flags; --impls also chooses the networks' local attention."""
+  a.impls, a.modules = _split(a.impls), _split(a.modules)
+  problems = []
+  if not a.impls or set(a.impls) - set(IMPLEMENTATIONS):
+    problems.append(f"--impls takes {', '.join(IMPLEMENTATIONS)}, got {a.impls}")
+  problems += _unknown_ops("--modules", a.modules)
+  if _integers(a, "windows", "odd integers", problems):
+    if any(w < 1 or w % 2 == 0 for w in a.windows):
+      problems.append(f"--windows takes odd integers, got {a.windows}")
+  if a.channels % a.heads or (a.channels // a.heads) % 2:
+    problems.append(f"--channels {a.channels} must split into --heads {a.heads} "
+                    "heads of even size")
+  return problems + _positive(a, "batch", "size")
+
+
+def _nets_problems(a: argparse.Namespace) -> list[str]:
+  """The nets suite's flags up to the supernet's ops (the rest: _search_problems)."""
+  a.nets, a.search_modes, a.search_ops = (
+      _split(x) for x in (a.nets, a.search_modes, a.search_ops))
+  problems = []
+  if set(a.nets) - set(NETS):
+    problems.append(f"--nets takes {', '.join(NETS)}, got {a.nets}")
+  if set(a.search_modes) - set(steps.SEARCH_MODES):
+    problems.append(f"--search_modes takes {', '.join(steps.SEARCH_MODES)}, "
+                    f"got {a.search_modes}")
+  problems += _unknown_ops("--search_ops", a.search_ops)
+  if len(set(a.search_ops)) < 2:
+    problems.append("--search_ops needs at least 2 distinct ops (a supernet)")
+  elif len(set(a.search_ops)) < len(a.search_ops):
+    problems.append(f"--search_ops lists an op twice: {a.search_ops}")
+  if a.search_width % 16:
+    problems.append(f"--search_width {a.search_width} must be a multiple of 16 (its "
+                    "ops split width/2 channels into up to 8 heads)")
+  return problems + _positive(a, "net_batch", "search_batch", "search_width")
+
+
+def _search_problems(a: argparse.Namespace) -> list[str]:
+  """The supernet rows' own flags; needs --search_ops parsed (_nets_problems)."""
+  a.supernet_impls = _split(a.supernet_impls)
   problems = []
   if not a.supernet_impls or set(a.supernet_impls) - set(SUPERNET_IMPLS):
     problems.append(f"--supernet_impls takes {', '.join(SUPERNET_IMPLS)}, "
                     f"got {a.supernet_impls}")
-  try:
-    a.search_sizes = [int(x) for x in split(a.search_sizes)]
-  except ValueError:
-    problems.append(f"--search_sizes takes integers, got {a.search_sizes!r}")
-  else:
+  if _integers(a, "search_sizes", "integers", problems):
     if not a.search_sizes or any(n < 4 or n % 4 for n in a.search_sizes):
       problems.append(f"--search_sizes takes multiples of 4 (two reduce stages), "
                       f"got {a.search_sizes}")
+  most = len(a.search_ops)
+  if _integers(a, "search_candidates", "integers", problems) and most >= 2:
+    a.search_candidates = sorted(set(a.search_candidates)) or [most]
+    if not 2 <= min(a.search_candidates) <= max(a.search_candidates) <= most:
+      problems.append(
+          f"--search_candidates takes counts from 2 to {most} (the first N of "
+          "--search_ops; a layer of 1 candidate is the plain single-op network, not a "
+          f"mixture: --single_op_ratio times those), got {a.search_candidates}")
+  if a.single_op_ratio and ("nets" not in a.suite or "search" not in a.nets):
+    problems.append("--single_op_ratio times the supernet's single-op networks: it "
+                    "needs nets in --suite and search in --nets")
   return problems
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--suite", default="ops,nets",
-                 help="ops, nets, input, retrieval (comma list)")
-  p.add_argument("--devices", type=int, default=0,
-                 help="data-parallel devices for the nets suite (0: all)")
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--size", type=int, default=28, help="map side of the ops suite")
-  p.add_argument("--channels", type=int, default=256)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--windows", default="3,5,7")
-  p.add_argument("--impls", default="blocked,scan",
-                 help="local attention implementations; the first is used by modules "
-                      "and networks")
-  p.add_argument("--modules", default=",".join(ORIGINAL_OPS + ("axial_h8",)),
-                 help="registered ops to time as modules ('' for none)")
-  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-  p.add_argument("--nets", default=",".join(NETS))
-  p.add_argument("--net_batch", type=int, default=64, help="train images per device")
-  p.add_argument("--search_width", type=int, default=16)
-  p.add_argument("--search_batch", type=int, default=32,
-                 help="images per device in each half of a search step")
-  p.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
-  p.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
-                 help="the supernet's candidates (fewer compile faster on CPU)")
-  p.add_argument("--supernet_impls", default=",".join(SUPERNET_IMPLS),
-                 help="mixture-layer implementations to time side by side")
-  p.add_argument("--search_sizes", default="32",
-                 help="supernet map sides (multiples of 4; comma list)")
-  p.add_argument("--input_dataset", default="sklearn_digits",
-                 help="input suite: a registered dataset or folder:/path")
-  p.add_argument("--input_split", default="train")
-  p.add_argument("--input_sizes", default="",
-                 help="input suite resolutions (default: those of --nets)")
-  p.add_argument("--input_workers", type=int, default=0,
-                 help="grain worker processes of the input suite")
-  p.add_argument("--retrieval_n", type=int, default=60502,
-                 help="retrieval suite: examples querying each other (SOP test: 60,502)")
-  p.add_argument("--retrieval_dim", type=int, default=512)
-  p.add_argument("--retrieval_k", type=int, default=1000, help="neighbours per query")
-  p.add_argument("--retrieval_blocks", default="256,1024", help="query blocks to time")
-  p.add_argument("--retrieval_gallery_block", type=int, default=0,
-                 help="gallery rows per step of the running top-k (0: all)")
-  p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--json", default="", help="also write the results here")
-  a = p.parse_args(argv)
-  split = lambda s: [x for x in s.split(",") if x]
-  a.suite, a.impls, a.nets, a.modules, a.search_modes, a.search_ops = (
-      split(x) for x in (a.suite, a.impls, a.nets, a.modules, a.search_modes,
-                         a.search_ops))
-  a.supernet_impls = split(a.supernet_impls)
-  problems = _search_problems(a, split)
-  if not a.suite or set(a.suite) - set(SUITES):
-    problems.append(f"--suite takes ops, nets, input and/or retrieval, got {a.suite}")
-  try:
-    a.retrieval_blocks = [int(x) for x in split(a.retrieval_blocks)]
-  except ValueError:
-    problems.append(f"--retrieval_blocks takes integers, got {a.retrieval_blocks!r}")
-  else:
+def _input_problems(a: argparse.Namespace) -> list[str]:
+  problems = []
+  _integers(a, "input_sizes", "integers", problems)
+  if a.input_workers < 0:
+    problems.append("--input_workers must be non-negative")
+  return problems
+
+
+def _retrieval_problems(a: argparse.Namespace) -> list[str]:
+  problems = []
+  if _integers(a, "retrieval_blocks", "integers", problems):
     if not a.retrieval_blocks or min(a.retrieval_blocks) < 1:
       problems.append(f"--retrieval_blocks takes positive integers, got {a.retrieval_blocks}")
   if not 1 <= a.retrieval_k < a.retrieval_n:
@@ -458,45 +592,86 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     f"({a.retrieval_n - 1}): each query ranks the other examples")
   if a.retrieval_gallery_block < 0:
     problems.append("--retrieval_gallery_block must be non-negative (0: the whole gallery)")
-  try:
-    a.input_sizes = [int(x) for x in split(a.input_sizes)]
-  except ValueError:
-    problems.append(f"--input_sizes takes integers, got {a.input_sizes!r}")
-  if a.devices < 0 or a.devices > jax.device_count():
-    problems.append(f"--devices {a.devices}: {jax.device_count()} device(s) are "
-                    "present (0: all)")
-  if a.input_workers < 0:
-    problems.append("--input_workers must be non-negative")
-  if not a.impls or set(a.impls) - set(IMPLEMENTATIONS):
-    problems.append(f"--impls takes {', '.join(IMPLEMENTATIONS)}, got {a.impls}")
-  if set(a.nets) - set(NETS):
-    problems.append(f"--nets takes {', '.join(NETS)}, got {a.nets}")
-  if set(a.search_modes) - set(steps.SEARCH_MODES):
-    problems.append(f"--search_modes takes {', '.join(steps.SEARCH_MODES)}, "
-                    f"got {a.search_modes}")
-  for flag, ops in (("--modules", a.modules), ("--search_ops", a.search_ops)):
-    unknown = [op for op in ops if op not in OPS]
-    if unknown:
-      problems.append(f"{flag}: unknown ops {unknown}; valid: {', '.join(OPS.names())}")
-  if len(set(a.search_ops)) < 2:
-    problems.append("--search_ops needs at least 2 distinct ops (a supernet)")
-  try:
-    a.windows = [int(w) for w in split(a.windows)]
-  except ValueError:
-    problems.append(f"--windows takes odd integers, got {a.windows!r}")
-  else:
-    if any(w < 1 or w % 2 == 0 for w in a.windows):
-      problems.append(f"--windows takes odd integers, got {a.windows}")
-  if a.channels % a.heads or (a.channels // a.heads) % 2:
-    problems.append(f"--channels {a.channels} must split into --heads {a.heads} "
-                    "heads of even size")
-  if a.search_width % 16:
-    problems.append(f"--search_width {a.search_width} must be a multiple of 16 (its "
-                    "ops split width/2 channels into up to 8 heads)")
-  for name in ("batch", "size", "iters", "net_batch", "search_batch", "search_width",
-               "retrieval_n", "retrieval_dim"):
-    if getattr(a, name) < 1:
-      problems.append(f"--{name} must be positive")
+  return problems + _positive(a, "retrieval_n", "retrieval_dim")
+
+
+# In order: _search_problems reads what the general and nets checks parsed.
+_CHECKS = (_general_problems, _ops_problems, _nets_problems, _search_problems,
+           _input_problems, _retrieval_problems)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--suite", default="ops,nets",
+                 help="ops, nets, input, retrieval (comma list)")
+  p.add_argument("--devices", type=int, default=0,
+                 help="data-parallel devices for the nets suite (0: all)")
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--json", default="", help="also write the results here")
+  ops = p.add_argument_group("ops suite")
+  ops.add_argument("--batch", type=int, default=64)
+  ops.add_argument("--size", type=int, default=28, help="map side of the ops suite")
+  ops.add_argument("--channels", type=int, default=256)
+  ops.add_argument("--heads", type=int, default=8)
+  ops.add_argument("--windows", default="3,5,7")
+  ops.add_argument("--impls", default="blocked,scan",
+                   help="local attention implementations; the first is used by modules "
+                        "and networks")
+  ops.add_argument("--modules", default=",".join(ORIGINAL_OPS + ("axial_h8",)),
+                   help="registered ops to time as modules ('' for none)")
+  _nets_arguments(p)
+  inputs = p.add_argument_group("input suite")
+  inputs.add_argument("--input_dataset", default="sklearn_digits",
+                      help="a registered dataset or folder:/path")
+  inputs.add_argument("--input_split", default="train")
+  inputs.add_argument("--input_sizes", default="",
+                      help="resolutions (default: those of --nets)")
+  inputs.add_argument("--input_workers", type=int, default=0, help="grain worker processes")
+  _retrieval_arguments(p)
+  return p
+
+
+def _nets_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("nets suite")
+  g.add_argument("--nets", default=",".join(NETS))
+  g.add_argument("--net_batch", type=int, default=64, help="train images per device")
+  g.add_argument("--search_width", type=int, default=16)
+  g.add_argument("--search_batch", type=int, default=32,
+                 help="images per device in each half of a search step")
+  g.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
+  g.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
+                 help="the supernet's candidates (fewer compile faster on CPU)")
+  g.add_argument("--search_candidates", default="",
+                 help="candidate counts N (comma list, 2 to the number of --search_ops): "
+                      "a supernet of the first N of --search_ops each ('': all)")
+  g.add_argument("--single_op_ratio", action="store_true",
+                 help="also time each candidate's single-op network, and each supernet "
+                      "weight step against the sum of its candidates'")
+  g.add_argument("--supernet_impls", default=",".join(SUPERNET_IMPLS),
+                 help="mixture-layer implementations to time side by side")
+  g.add_argument("--search_sizes", default="32",
+                 help="supernet map sides (multiples of 4; comma list)")
+
+
+def _retrieval_arguments(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("retrieval suite")
+  g.add_argument("--retrieval_n", type=int, default=60502,
+                 help="examples querying each other (SOP test: 60,502)")
+  g.add_argument("--retrieval_dim", type=int, default=512)
+  g.add_argument("--retrieval_k", type=int, default=1000, help="neighbours per query")
+  g.add_argument("--retrieval_blocks", default="256,1024", help="query blocks to time")
+  g.add_argument("--retrieval_gallery_block", type=int, default=0,
+                 help="gallery rows per step of the running top-k (0: all)")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """The flags, each list parsed; every problem in one line before any compute."""
+  p = _parser()
+  a = p.parse_args(argv)
+  problems = [problem for check in _CHECKS for problem in check(a)]
   if problems:
     p.error("; ".join(problems))
   return a
@@ -518,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   _finish(rows, DTYPES[a.dtype])
   if rows:
     print(table(rows))
+  if len(_scaling_points(rows)) > 1 or any("vs_single_ops" in r for r in rows):
+    print(scaling_table(rows))
   if "retrieval" in a.suite:
     retrieval_rows = retrieval_suite(a)
     print(retrieval_table(retrieval_rows))

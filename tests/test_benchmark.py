@@ -107,3 +107,79 @@ def test_bad_retrieval_arguments_are_refused(args, message, capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(args)
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--search_candidates=1,2"], "--search_candidates takes counts from 2 to 7"),
+    (["--search_ops=local3_h4,nonlocal", "--search_candidates=3"],
+     "--search_candidates takes counts from 2 to 2"),
+    (["--search_candidates=two"], "--search_candidates takes integers, got 'two'"),
+    (["--nets=cifar", "--single_op_ratio"], "--single_op_ratio times the supernet's"),
+    (["--single_op_ratio=yes"], "--single_op_ratio: ignored explicit argument"),
+    (["--search_ops=local3_h4,nonlocal,local3_h4"], "--search_ops lists an op twice"),
+])
+def test_bad_scaling_arguments_are_refused_before_compute(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.parse_args(args)
+  assert exit_info.value.code == 2
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith("python -m fanas_jax.benchmark: error:") and message in last
+
+
+def test_candidate_counts_default_to_all_ops_and_are_sorted():
+  assert benchmark.parse_args([]).search_candidates == [7]
+  assert benchmark.parse_args(["--search_candidates=7,2,4,2"]).search_candidates == [2, 4, 7]
+
+
+def test_scaling_table_has_one_line_per_impl_candidates_and_size():
+  def row(impl, n, size, step, ms, compile_s, **extra):
+    return dict(kind="search", supernet_impl=impl, num_candidates=n, image_size=size,
+                step=step, median_ms=ms, compile_s=compile_s, **extra)
+  rows = [row("per_op", 2, 8, "weight", 10.0, 1.5, single_op_sum_ms=8.0,
+              vs_single_ops=1.25),
+          row("per_op", 2, 8, "first_order", 17.0, 2.5),
+          row("stacked", 4, 16, "weight", 30.0, 3.5),
+          dict(kind="single op", op="nonlocal", median_ms=4.0, compile_s=1.0)]
+  lines = benchmark.scaling_table(rows).splitlines()
+  assert "weight ms" in lines[0] and "first_order ms" in lines[0]
+  assert lines[2].split() == ["per_op", "2", "8", "10.0", "1.5", "17.0", "2.5", "8.0",
+                              "1.25"]
+  # The stacked point has no search step and no single-op networks: dashes, not zeros.
+  assert lines[3].split() == ["stacked", "4", "16", "30.0", "3.5", "-", "-", "-", "-"]
+  assert len(lines) == 4
+
+
+@pytest.mark.slow
+def test_candidates_sweep_and_single_op_ratio_in_one_run(tmp_path, capsys):
+  """Weight steps only: the single-op networks of 3 ops, then supernets of 2 and 3."""
+  from fanas_jax import cost
+  from fanas_jax.genotype import Genotype, SearchSpace
+  ops = ["local3_h4", "local5_h4", "nonlocal"]
+  path = tmp_path / "scaling.json"
+  benchmark.main([
+      "--suite=nets", "--nets=search", f"--search_ops={','.join(ops)}",
+      "--search_candidates=3,2", "--single_op_ratio", "--supernet_impls=per_op",
+      "--search_modes=", "--search_sizes=8", "--search_batch=2", "--dtype=float32",
+      "--iters=1", "--warmup=0", f"--json={path}"])
+  rows = json.loads(path.read_text())["rows"]
+  singles, supernets = rows[:3], rows[3:]
+  assert [(r["kind"], r["op"]) for r in singles] == [("single op", op) for op in ops]
+  for row in singles:
+    # The plain network of that op alone, as its own variable tree says.
+    assert row["param_ops"] == [row["op"]] and row["image_size"] == 8
+    plain = Genotype(((row["op"],) * 3,) * 5).layer_ops()
+    assert row["backbone_params"] == cost.network_cost(plain, 16, 8).params
+  assert [(r["num_candidates"], r["candidates"]) for r in supernets] == [
+      (2, ops[:2]), (3, ops)]
+  for row in supernets:
+    n = row["num_candidates"]
+    assert row["kind"] == "search" and row["param_ops"] == sorted(ops[:n])
+    assert row["backbone_params"] == cost.network_cost(
+        SearchSpace.uniform(ops[:n]).layer_ops(), 16, 8).params
+    total = sum(s["median_ms"] for s in singles[:n])
+    assert row["single_op_sum_ms"] == pytest.approx(total)
+    assert row["vs_single_ops"] == pytest.approx(row["median_ms"] / total)
+  out = capsys.readouterr().out
+  scaling = out[out.index("supernet_impl"):].splitlines()
+  assert [line.split()[:3] for line in scaling[2:4]] == [["per_op", "2", "8"],
+                                                         ["per_op", "3", "8"]]
