@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from fanas_jax import parallel
 from fanas_jax.logging_utils import note
 
 
@@ -55,6 +56,7 @@ def _everywhere(ok: bool) -> bool:
   """Whether `ok` holds on every process."""
   if jax.process_count() == 1:
     return ok
+  parallel.wait_for_processes("checkpoint check")
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -133,6 +135,7 @@ class StageCheckpointer:
     """Process 0's newest step, told to every process."""
     step = self.latest_step()
     if jax.process_count() > 1:
+      parallel.wait_for_processes("latest checkpoint")
       step = int(multihost_utils.broadcast_one_to_all(
           np.int64(-1 if step is None else step)))
       step = None if step < 0 else step
@@ -144,7 +147,7 @@ class StageCheckpointer:
     if jax.process_index() == 0:
       os.replace(source, target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"fanas_jax checkpoint move aside {source}")
+      parallel.wait_for_processes(f"checkpoint moved aside: {source}")
     self._manager.reload()
     return target
 

@@ -23,9 +23,11 @@ def predict(apply_fn: Callable, variables: Any, batches: Iterable[dict[str, np.n
   `apply_fn(variables, images)` runs on the mesh, and outputs and the batch (with
   its 'label' and 'mask') are gathered from every process.
   """
-  for batch in batches:
+  for i, batch in enumerate(batches):
     sharded = parallel.shard_batch(batch, mesh)
     out = apply_fn(variables, sharded["image"])
+    if i == 0:  # apply_fn compiled (on each process in its own time) before the gather.
+      parallel.wait_for_processes("evaluation compiled")
     out, sharded = multihost_utils.process_allgather((out, sharded), tiled=True)
     yield jax.tree.map(np.asarray, out), jax.tree.map(np.asarray, sharded)
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax import compile_cache
+from fanas_jax import compile_cache, parallel
 from fanas_jax.checkpoint import StageCheckpointer
 from fanas_jax.logging_utils import MetricWriter, note, progress
 from fanas_jax.registry import ConfigError
@@ -433,6 +433,7 @@ def compile_step(step: Callable, stage: str, *example_args: Any) -> Callable:
   t0 = time.time()
   with compile_cache.counting_hits() as hits:
     compiled = step.lower(*example_args).compile()
+  parallel.wait_for_processes(f"{stage} step compiled")
   source = " (read from the XLA compilation cache)" if hits else ""
   note(f"[{stage}] compiled in {time.time() - t0:.1f} s{source}")
   return compiled

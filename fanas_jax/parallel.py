@@ -14,6 +14,7 @@ global batch, and `shard_batch` assembles the global array.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -53,6 +54,25 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+_BARRIERS = itertools.count()
+
+
+def wait_for_processes(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process of the job gets here; a no-op in a one-process run.
+
+  Every process must call it at the same points in the same order. It waits in the
+  coordination service, not in a collective: on CPUs Gloo gives up on a peer that is
+  30 s late to a collective (not configurable), while one process may compile a step
+  minutes after another, or write files the others wait for. So processes meet here
+  before their first collective after anything that can take them unequal time.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # The client of jax.distributed.initialize.
+  distributed.global_state.client.wait_at_barrier(
+      f"fanas_jax {next(_BARRIERS)}: {name}", timeout_s * 1000)
 
 
 def mesh_size(num_devices: int = 0) -> int:

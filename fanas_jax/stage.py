@@ -19,8 +19,8 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.experimental import multihost_utils
 
+from fanas_jax import parallel
 from fanas_jax.logging_utils import note, write_bytes
 from fanas_jax.loop import Preempted
 from fanas_jax.registry import ConfigError, Registry
@@ -160,7 +160,7 @@ def run_once(ctx: StageContext) -> dict[str, Any]:
     result = STAGES.get(ctx.stage).run(ctx)
     write_json(os.path.join(ctx.out_dir, "result.json"), result)
     if jax.process_count() > 1:  # Later stages read the files process 0 just wrote.
-      multihost_utils.sync_global_devices(f"fanas_jax: {ctx.stage} finished")
+      parallel.wait_for_processes(f"{ctx.stage} finished")
     if preemption.requested:  # Came after the last step (evaluation, derive).
       message = (f"[{ctx.stage}] preempted after finishing the stage; rerun the same "
                  "command to run the remaining stages")

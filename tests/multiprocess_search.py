@@ -7,11 +7,14 @@ jax.distributed.initialize at ADDRESS (host:port of process 0). Each process rea
 only its own slice of every global batch through the real input pipeline, the
 steps run on a 'data' mesh over every device of every process, and the process
 saves what it read and the alphas after each step to OUT_DIR/process<ID>.npz.
+With LATE_S set, process 1 starts compiling LATE_S seconds after the others: the
+processes must still meet (Gloo, the CPU collectives, waits only 30 s for a peer).
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 import ml_collections
@@ -19,6 +22,7 @@ import numpy as np
 
 from fanas_jax.configs import quickstart
 from fanas_jax import optim, parallel
+from fanas_jax.loop import compile_step, peek
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
 from fanas_jax.genotype import search_space_from_config
@@ -58,6 +62,10 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
       model, init_alphas(space, jax.random.key(1), 0.1), w_tx, a_tx, key,
       (1, IMAGE, IMAGE, 1)), mesh)
   step = jax.jit(make_search_step(model, objective, w_tx, a_tx, "first_order"))
+  if jax.process_index() == 1:
+    time.sleep(float(os.environ.get("LATE_S", "0")))
+  example = [parallel.shard_batch(b, mesh) for b in (peek(w_iter), peek(a_iter))]
+  step = compile_step(step, "multiprocess", state, *example, key)
 
   out = {"process_count": jax.process_count(), "device_count": jax.device_count()}
   for i in range(STEPS):

@@ -25,8 +25,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out_dir, process_id: int, num_processes: int, devices: int, address: str = ""):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+def _launch(out_dir, process_id: int, num_processes: int, devices: int, address: str = "",
+            late_s: float = 0):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", LATE_S=str(late_s),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.Popen(
       [sys.executable, "-m", "tests.multiprocess_search", str(out_dir), str(process_id),
@@ -41,11 +42,13 @@ def _finish(proc) -> None:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_of_four_devices(tmp_path):
+  """Process 1 comes 40 s late to the first step, past Gloo's 30 s, as when one host
+  compiles slower than another."""
   multi, single = tmp_path / "multi", tmp_path / "single"
   multi.mkdir()
   single.mkdir()
   address = f"localhost:{_free_port()}"
-  procs = [_launch(multi, i, 2, devices=2, address=address) for i in range(2)]
+  procs = [_launch(multi, i, 2, devices=2, address=address, late_s=40) for i in range(2)]
   procs.append(_launch(single, 0, 1, devices=4))
   for proc in procs:
     _finish(proc)
