@@ -23,8 +23,10 @@ from jax.experimental.compilation_cache import compilation_cache
 
 CHOICES = ("default", "off")
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
-# A compilation shorter than this is not worth a file (jax's own default is 1 s).
-MIN_COMPILE_SECONDS = 1.0
+# Every compilation is kept, also the sub-second ones (jax's own default keeps those
+# over 1 s): initialising a supernet compiles ~160 tiny initializer programs, which
+# from the cache take 7 s instead of 17 s on a 2-core CPU (1.1 MB of entries).
+MIN_COMPILE_SECONDS = 0.0
 
 
 def default_dir() -> str:

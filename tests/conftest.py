@@ -44,6 +44,9 @@ def prune(directory: str, max_bytes: int, keep_bytes: int) -> None:
 # A directory the user names in JAX_COMPILATION_CACHE_DIR is used as it is, never pruned.
 PRUNE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", xla_cache_dir())
+# Sub-second programs too (as fanas_jax.compile_cache keeps them): every process of a
+# session initialises networks from the same few hundred tiny programs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_configure(config):
