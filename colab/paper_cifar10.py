@@ -64,22 +64,8 @@ VARIANT = ":tiny" if TINY else ""
 CHECKPOINT_EVERY = 500  # steps; a disconnect loses at most this many
 
 # %%
-import codecs
-import subprocess
-import sys
-
-
-def fanas(module: str, *args: str) -> None:
-  """Runs `python -m module args` with its live progress; a failure stops here."""
-  proc = subprocess.Popen([sys.executable, "-m", module, *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  text = codecs.getincrementaldecoder("utf-8")("replace")
-  while chunk := proc.stdout.read1(4096):
-    sys.stdout.write(text.decode(chunk))
-    sys.stdout.flush()
-  if proc.wait():
-    raise RuntimeError(f"python -m {module} {' '.join(args)} exited with status "
-                       f"{proc.returncode}")
+# `run` shows a command's progress as it comes; the `show_` helpers a run's figures.
+from fanas_jax.notebook import read_json, read_jsonl, run, show_genotype, show_heatmaps
 
 
 # %% [markdown]
@@ -108,8 +94,8 @@ for name in ("cifar10", "imagenet100_32"):
   if os.path.exists(os.path.join(DATA_DIR, name, version, "dataset_info.json")):
     print(f"[data] {name} {version} is in {DATA_DIR}/{name}/{version} (prepared earlier)")
   else:
-    fanas("fanas_jax.data.prepare", name, f"--manual_dir={ARCHIVES}",
-          f"--data_dir={DATA_DIR}")
+    run("fanas_jax.data.prepare", name, f"--manual_dir={ARCHIVES}",
+        f"--data_dir={DATA_DIR}")
 
 # %% [markdown]
 # ## The search
@@ -121,22 +107,12 @@ for name in ("cifar10", "imagenet100_32"):
 # %%
 COMMON = [f"--config.data_dir={DATA_DIR}",
           f"--config.checkpoint.every_steps={CHECKPOINT_EVERY}"]
-fanas("fanas_jax.main", f"--config=configs/paper/cifar_search.py{VARIANT}",
-      f"--workdir={SEARCH_RUN}", *COMMON)
+run("fanas_jax.main", f"--config=configs/paper/cifar_search.py{VARIANT}",
+    f"--workdir={SEARCH_RUN}", *COMMON)
 
 # %%
-import json
-
-from IPython.display import Image, display
-
-with open(os.path.join(SEARCH_RUN, "genotype.json")) as f:
-  searched = json.load(f)
-for stage, ops in searched["genotype"].items():
-  print(f"{stage}: {', '.join(ops)}")
-display(Image(filename=os.path.join(SEARCH_RUN, "genotype.png")))
-for phase in ("search_phase1", "search_phase2"):
-  print(phase)
-  display(Image(filename=os.path.join(SEARCH_RUN, phase, "alpha_heatmap.png")))
+show_genotype(SEARCH_RUN)
+show_heatmaps(SEARCH_RUN)
 
 # %% [markdown]
 # ## Training the paper's `original` architecture
@@ -145,18 +121,17 @@ for phase in ("search_phase1", "search_phase2"):
 # `--config.train.genotype={SEARCH_RUN}/genotype.json` (and use a new workdir).
 
 # %%
-fanas("fanas_jax.main", f"--config=configs/paper/cifar_train.py{VARIANT}",
-      f"--workdir={TRAIN_RUN}", *COMMON)
+run("fanas_jax.main", f"--config=configs/paper/cifar_train.py{VARIANT}",
+    f"--workdir={TRAIN_RUN}", *COMMON)
 
 # %%
 import matplotlib.pyplot as plt
 
-with open(os.path.join(TRAIN_RUN, "train", "result.json")) as f:
-  train = json.load(f)
+train = read_json(TRAIN_RUN, "train", "result.json")
 print(f"original: test top-1 {train['test_top1']:.4f} on {train['test_examples']} "
       f"test images ({train['params']:,} parameters, {train['epochs']} epochs)")
-with open(os.path.join(TRAIN_RUN, "metrics.jsonl")) as f:
-  losses = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+losses = [(r["step"], r["loss"]) for r in read_jsonl(TRAIN_RUN, "metrics.jsonl")
+          if "loss" in r]
 plt.plot(*zip(*losses), marker=".")
 plt.xlabel("step")
 plt.ylabel("training loss")

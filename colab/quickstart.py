@@ -44,22 +44,8 @@ CONFIG = "configs/quickstart.py:tiny" if TINY else "configs/quickstart.py"
 WORKDIR = os.environ.get("FANAS_NOTEBOOK_WORKDIR", "runs/quickstart")
 
 # %%
-import codecs
-import subprocess
-import sys
-
-
-def fanas(module: str, *args: str) -> None:
-  """Runs `python -m module args` with its live progress; a failure stops here."""
-  proc = subprocess.Popen([sys.executable, "-m", module, *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  text = codecs.getincrementaldecoder("utf-8")("replace")
-  while chunk := proc.stdout.read1(4096):
-    sys.stdout.write(text.decode(chunk))
-    sys.stdout.flush()
-  if proc.wait():
-    raise RuntimeError(f"python -m {module} {' '.join(args)} exited with status "
-                       f"{proc.returncode}")
+# `run` shows a command's progress as it comes; the `show_` helpers a run's figures.
+from fanas_jax.notebook import read_json, read_jsonl, run, show_genotype, show_heatmaps
 
 
 # %% [markdown]
@@ -68,7 +54,7 @@ def fanas(module: str, *args: str) -> None:
 # run resumes from its newest checkpoint when this cell runs again.
 
 # %%
-fanas("fanas_jax.main", f"--config={CONFIG}", f"--workdir={WORKDIR}")
+run("fanas_jax.main", f"--config={CONFIG}", f"--workdir={WORKDIR}")
 
 # %% [markdown]
 # ## Alpha heatmaps
@@ -76,11 +62,7 @@ fanas("fanas_jax.main", f"--config={CONFIG}", f"--workdir={WORKDIR}")
 # the epochs (red: the op gains weight).
 
 # %%
-from IPython.display import Image, Markdown, display
-
-for phase in ("search_phase1", "search_phase2"):
-  print(phase)
-  display(Image(filename=os.path.join(WORKDIR, phase, "alpha_heatmap.png")))
+show_heatmaps(WORKDIR)
 
 # %% [markdown]
 # ## The derived architecture
@@ -88,22 +70,16 @@ for phase in ("search_phase1", "search_phase2"):
 # 7x7 and one non-local op.
 
 # %%
-import json
-
-with open(os.path.join(WORKDIR, "genotype.json")) as f:
-  derived = json.load(f)
-for stage, ops in derived["genotype"].items():
-  print(f"{stage}: {', '.join(ops)}")
-display(Image(filename=os.path.join(WORKDIR, "genotype.png")))
+show_genotype(WORKDIR)
 
 # %% [markdown]
 # ## Results
 
 # %%
-with open(os.path.join(WORKDIR, "train", "result.json")) as f:
-  train = json.load(f)
-with open(os.path.join(WORKDIR, "retrieval", "result.json")) as f:
-  retrieval = json.load(f)
+from IPython.display import Markdown, display
+
+train = read_json(WORKDIR, "train", "result.json")
+retrieval = read_json(WORKDIR, "retrieval", "result.json")
 recall = " / ".join(f"{retrieval['recall'][k]:.3f}" for k in sorted(retrieval["recall"], key=int))
 display(Markdown("\n".join([
     "| stage | result |", "|---|---|",
@@ -121,8 +97,7 @@ with open(os.path.join(WORKDIR, "summary.md")) as f:
 # %%
 import matplotlib.pyplot as plt
 
-with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
-  records = [json.loads(line) for line in f]
+records = read_jsonl(WORKDIR, "metrics.jsonl")
 PLOTS = [("search_phase1", "a_loss"), ("search_phase2", "a_loss"),
          ("search_phase2", "entropy_below_uniform"), ("train", "loss"),
          ("retrieval", "loss")]

@@ -59,22 +59,8 @@ SHORTER = [] if TINY else [
 IMAGES_PER_SPLIT = (32, 20) if TINY else (600, 200)
 
 # %%
-import codecs
-import subprocess
-import sys
-
-
-def fanas(module: str, *args: str) -> None:
-  """Runs `python -m module args` with its live progress; a failure stops here."""
-  proc = subprocess.Popen([sys.executable, "-m", module, *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  text = codecs.getincrementaldecoder("utf-8")("replace")
-  while chunk := proc.stdout.read1(4096):
-    sys.stdout.write(text.decode(chunk))
-    sys.stdout.flush()
-  if proc.wait():
-    raise RuntimeError(f"python -m {module} {' '.join(args)} exited with status "
-                       f"{proc.returncode}")
+# `run` shows a command's progress as it comes; the `show_` helpers a run's figures.
+from fanas_jax.notebook import read_json, run, show_genotype, show_heatmaps
 
 
 # %% [markdown]
@@ -171,26 +157,17 @@ show([Image.open(os.path.join(IMAGES, "train", s, f"{k:03d}.png")) for k, s in e
 # %%
 RUN = os.path.join(WORKDIR, "run")
 DATASET = f"folder:{os.path.abspath(IMAGES)}"
-fanas("fanas_jax.main", f"--config={CONFIG}", f"--workdir={RUN}",
-      f"--config.dataset={DATASET}", f"--config.search_phase1.dataset={DATASET}",
-      f"--config.image_size={IMAGE_SIZE}", *SHORTER)
+run("fanas_jax.main", f"--config={CONFIG}", f"--workdir={RUN}",
+    f"--config.dataset={DATASET}", f"--config.search_phase1.dataset={DATASET}",
+    f"--config.image_size={IMAGE_SIZE}", *SHORTER)
 
 # %% [markdown]
 # ## What the search found
 
 # %%
-import json
-
-from IPython.display import Image as ShowImage, Markdown, display
-
-with open(os.path.join(RUN, "genotype.json")) as f:
-  derived = json.load(f)
-for stage, ops in derived["genotype"].items():
-  print(f"{stage}: {', '.join(ops)}")
-display(ShowImage(filename=os.path.join(RUN, "genotype.png")))
-display(ShowImage(filename=os.path.join(RUN, "search_phase2", "alpha_heatmap.png")))
-with open(os.path.join(RUN, "train", "result.json")) as f:
-  train = json.load(f)
+show_genotype(RUN)
+show_heatmaps(RUN, ["search_phase2"])
+train = read_json(RUN, "train", "result.json")
 print(f"test top-1 {train['test_top1']:.4f} on {train['test_examples']} test images "
       f"({train['params']:,} parameters, width {train['width']})")
 
@@ -209,8 +186,7 @@ from fanas_jax.data.datasets import get_dataset
 from fanas_jax.data.transforms import eval_preprocess
 from fanas_jax.model import make_model, model_options
 
-with open(os.path.join(RUN, "config.json")) as f:
-  config = ml_collections.ConfigDict(json.load(f))
+config = ml_collections.ConfigDict(read_json(RUN, "config.json"))
 trained = finetune.load_pretrained("train", RUN, "train")
 spec = get_dataset(DATASET)
 model = make_model(trained.genotype.layer_ops(), trained.width, "classifier",
