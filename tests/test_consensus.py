@@ -311,3 +311,24 @@ def test_derive_stage_of_one_seed_is_unchanged(tmp_path):
   lines = summary(config, str(tmp_path), "derive", record)
   assert lines[0] == "## derived architecture (constrained rule, from search_phase2)"
   assert "consensus" not in "\n".join(lines)
+
+
+def test_derive_stage_of_several_seeds_within_a_budget(tmp_path):
+  config = default.get_config()
+  config.derive.max_macs = 470_000_000  # the cheapest legal network needs 449,158,272
+  rng = np.random.default_rng(7)
+  seed_alphas = [_seed_alphas(rng, 7) for _ in range(3)]
+  _write_search(tmp_path, {"alphas": seed_alphas[0], "epoch": 1, "num_seeds": 3,
+                           "seed_alphas": seed_alphas, "seed_epochs": [1, 1, 1],
+                           "seed_genotypes": [BASE.to_dict()] * 3})
+  record = derive_stage(config, str(tmp_path), "search_phase2")
+  spec = get_dataset(config.dataset)
+  for g in [record["genotype"]] + record["seed_genotypes"]:
+    macs = network_cost(Genotype.from_dict(g).layer_ops(), config.train.width,
+                        config.image_size, in_channels=spec.channels,
+                        stem=config.model.stem, num_classes=spec.num_classes).macs
+    assert macs <= 470_000_000
+  assert record["chance_draws"] == 10_000 and record["chance"].startswith("estimated")
+  assert 0 < record["mean_chance_agreement"] < 1
+  lines = "\n".join(summary(config, str(tmp_path), "derive", record))
+  assert "estimated from 10,000 random legal genotypes within the budget" in lines
