@@ -15,10 +15,11 @@ layer is (fanas_jax/decision.py).
 N states stacked on a leading seed axis, the step vmapped over them, their batches
 stacked [N, B, ...]. Seed s is the single search with config.seed + s: its own
 halves, data order, initialisation, masks and noise. Its step metrics are
-`seedS/NAME`; its epoch records are the alpha history's `seeds` list, whose
-top-level record (and result.json's single-seed keys) stay seed 0's; metrics.jsonl
-gets each seed's epoch scalars as `seedS/NAME` and their means over the seeds as
-`seeds_mean/NAME`. A batch found non-finite in any seed is skipped (rolled back) in all.
+`seedS/NAME` (S = 0..N-1); its epoch records are the alpha history's `seeds` list,
+whose top-level record (and result.json's single-seed keys) stay seed 0's;
+metrics.jsonl gets each seed's epoch scalars as `seedS/NAME` and their means over
+the seeds as `seeds_mean/NAME`. A batch found non-finite in any seed is skipped
+(rolled back) in all.
 """
 from __future__ import annotations
 
@@ -417,9 +418,11 @@ def _seed_means(means: dict[str, float], seed: int) -> dict[str, float]:
 
 
 def _mean_over_seeds(stats: list[dict[str, float]]) -> dict[str, float]:
+  """Each decision statistic's mean over the seeds (the layer count is every seed's)."""
   if len(stats) == 1:
     return stats[0]
-  return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+  return {k: stats[0][k] if k == "layers" else float(np.mean([s[k] for s in stats]))
+          for k in stats[0]}
 
 
 def _epoch_record(config: Any, who: str, epoch: int, means: dict[str, float],
