@@ -41,9 +41,11 @@ def _relative(got, want):
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def _leaf_relative(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+def _tree_relative(got, want):
+  """||got - want|| / ||want|| over all the leaves of two pytrees."""
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                      for x in jax.tree.leaves(tree)])
+  return float(np.linalg.norm(flat(got) - flat(want)) / np.linalg.norm(flat(want)))
 
 
 @pytest.mark.parametrize("value", [0, -1, "x", True])
@@ -101,17 +103,22 @@ def test_vmapped_step_gives_each_seed_its_single_step():
     pick = lambda tree: jax.tree.map(lambda x: x[s], tree)
     want, want_metrics = single(states[s], pick(w_batch), pick(a_batch), keys[s])
     assert set(metrics) == {f"seed{t}/{k}" for t in range(2) for k in want_metrics}
-    for k, v in want_metrics.items():
-      np.testing.assert_allclose(metrics[f"seed{s}/{k}"], v, rtol=1e-5)
-    # The new state: its kernels round unlike the single step's, and Adam divides the
-    # near-zero alpha gradients of near-uniform alphas by their own size, so the
-    # alphas' update carries that rounding at about 1e-4 relative.
-    worst = {field: max(_leaf_relative(a, b) for a, b in zip(
-        jax.tree.leaves(getattr(pick(stacked), field)), jax.tree.leaves(getattr(want, field))))
-        for field in ("params", "batch_stats", "alphas", "w_opt_state", "a_opt_state")}
-    print(f"seed {s}: largest relative difference per part of the state: {worst}")
+    relative = {k: abs(float(metrics[f"seed{s}/{k}"]) - float(v)) / max(abs(float(v)), 1e-30)
+                for k, v in want_metrics.items()}
+    print(f"seed {s}: relative difference per metric: {relative}")
+    # The losses to 1e-5; gradient norms sum squares of gradients that batch norm
+    # over 8 examples makes sensitive to rounding (up to about 1e-4 seen).
+    assert max(relative["w_loss"], relative["a_loss"]) < 1e-5
+    assert max(relative.values()) < 1e-3
+    # The new state: weights, statistics and alphas to 1e-5; the optimizer states
+    # hold the gradients themselves, as sensitive as their norms above.
+    # Relative over each part as a whole: a bias ahead of batch norm has a zero
+    # gradient, which leaves it at rounding noise, different in every program.
+    worst = {field: _tree_relative(getattr(pick(stacked), field), getattr(want, field))
+             for field in ("params", "batch_stats", "alphas", "w_opt_state", "a_opt_state")}
+    print(f"seed {s}: relative difference per part of the state: {worst}")
+    assert max(worst["params"], worst["batch_stats"], worst["alphas"]) < 1e-5
     assert max(worst.values()) < 1e-3
-    assert worst["params"] < 1e-5 and worst["batch_stats"] < 1e-5
 
 
 @pytest.fixture(scope="module")
