@@ -46,9 +46,10 @@ class Builder:
                                self.config.data_dir or None, classes=classes,
                                relabel=relabel, bad_examples=self.config.bad_examples)
 
-  def split_halves(self, ds: Any) -> tuple[Any, Any]:
-    """(weight half, architecture half) of a search split."""
-    return pipeline.split_halves(ds, self.config.seed)
+  def split_halves(self, ds: Any, seed: int | None = None) -> tuple[Any, Any]:
+    """(weight half, architecture half) of a search split, drawn by `seed` (None:
+    config.seed; a search of several seeds draws each seed's own)."""
+    return pipeline.split_halves(ds, self.config.seed if seed is None else seed)
 
   def steps_per_epoch(self, num_examples: int, batch_size: int) -> int:
     return pipeline.steps_per_epoch(num_examples, batch_size)
@@ -74,9 +75,11 @@ class Builder:
 
   # Keys and optimizers.
 
-  def stage_key(self, stage: str) -> jax.Array:
-    """The run's seed folded with the stage's name: each stage draws its own keys."""
-    return jax.random.fold_in(jax.random.key(self.config.seed), zlib.crc32(stage.encode()))
+  def stage_key(self, stage: str, seed: int | None = None) -> jax.Array:
+    """The run's seed (or `seed`) folded with the stage's name: each stage draws its
+    own keys."""
+    seed = self.config.seed if seed is None else seed
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()))
 
   def lr_scale(self, cfg: Any) -> float:
     return parallel.lr_scale(cfg.batch_size, self.config.lr_reference_batch)
@@ -103,8 +106,8 @@ class Builder:
   def replicate(self, tree: Any) -> Any:
     return parallel.replicate(tree, self.mesh)
 
-  def shard(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-    return parallel.shard_batch(batch, self.mesh)
+  def shard(self, batch: dict[str, Any], seed_axis: bool = False) -> dict[str, jax.Array]:
+    return parallel.shard_batch(batch, self.mesh, seed_axis)
 
   def writer(self, stage: str, purge_step: int | None = None) -> MetricWriter:
     return MetricWriter(self.workdir, stage, purge_step=purge_step)

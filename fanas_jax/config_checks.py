@@ -40,6 +40,10 @@ def _check_run_keys(config: Any) -> None:
     if not isinstance(config.derive[key], int) or config.derive[key] < 0:
       raise ConfigError(f"derive.{key}={config.derive[key]!r} must be a non-negative "
                         "integer (0 = no cap).")
+  seeds = config.search.num_seeds
+  if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+    raise ConfigError(f"search.num_seeds={seeds!r} must be an integer >= 1 (the number "
+                      "of independent searches a search phase runs).")
   if config.derive.select not in SELECT_CHOICES:
     raise ConfigError(f"Unknown derive.select {config.derive.select!r}; valid choices: "
                       f"{', '.join(SELECT_CHOICES)}.")

@@ -116,9 +116,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's slice of a global batch -> a global array sharded on 'data'."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh,
+                seed_axis: bool = False) -> dict[str, jax.Array]:
+  """This process's slice of a global batch -> a global array sharded on 'data'.
+
+  seed_axis: the batch is [seeds, batch, ...] (one batch per search seed), sharded
+  on its second axis.
+  """
+  sharding = NamedSharding(mesh, P(None, DATA_AXIS) if seed_axis else P(DATA_AXIS))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 

@@ -10,9 +10,20 @@ the first `warmup_epochs` epochs train the weights only. A phase with far fewer
 alpha steps than the paper's can scale alpha's learning rate up to match
 (`alpha_reference_steps`, optim.alpha_lr_scale). Every epoch logs how decided each
 layer is (fanas_jax/decision.py).
+
+`search.num_seeds` N > 1 runs N independent searches in one compiled program: the
+N states stacked on a leading seed axis, the step vmapped over them, their batches
+stacked [N, B, ...]. Seed s is the single search with config.seed + s: its own
+halves, data order, initialisation, masks and noise. Its step metrics are
+`seedS/NAME` (S = 0..N-1); its epoch records are the alpha history's `seeds` list,
+whose top-level record (and result.json's single-seed keys) stay seed 0's;
+metrics.jsonl gets each seed's epoch scalars as `seedS/NAME` and their means over
+the seeds as `seeds_mean/NAME`. A batch found non-finite in any seed is skipped
+(rolled back) in all.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -75,12 +86,97 @@ def _supernet(ctx: StageContext) -> tuple[Any, Objective, Any]:
   return space, objective, model
 
 
-def _initial_alphas(ctx: StageContext, space: Any, key: jax.Array) -> Any:
+def _prior_alphas(ctx: StageContext) -> list[dict[str, Any]] | None:
+  """Each seed's alphas of the phase init_alpha_from names (None: fresh alphas); that
+  phase must have run as many seeds as this one."""
   needs = _alpha_need(ctx.config, ctx.stage)
   if not needs:
+    return None
+  source, prior = ctx.source(needs[0])
+  have, want = prior.get("num_seeds", 1), ctx.config.search.num_seeds
+  if have != want:
+    raise ConfigError(
+        f"{ctx.stage}.init_alpha_from={source!r}: {source} ran {have} seed(s) but "
+        f"search.num_seeds={want}; set search.num_seeds={have}, or rerun {source} "
+        f"with search.num_seeds={want}.")
+  return [prior["alphas"]] if want == 1 else prior["seed_alphas"]
+
+
+def _initial_alphas(ctx: StageContext, space: Any, key: jax.Array,
+                    prior: dict[str, Any] | None) -> Any:
+  if prior is None:
     return init_alphas(space, key, ctx.cfg.alpha_init_std)
-  _, prior = ctx.source(needs[0])
-  return {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in prior["alphas"].items()}
+  return {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in prior.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seed:
+  """One search's own data order and keys."""
+  w_iter: Any
+  a_iter: Any
+  k_init: jax.Array
+  k_alpha: jax.Array
+  k_steps: jax.Array
+
+
+def _make_seeds(ctx: StageContext, ds: Any) -> tuple[list[_Seed], int, int]:
+  """(the searches, weight half size, architecture half size): search s draws its
+  halves, iterators and keys as the single search with config.seed + s does."""
+  build, stage = ctx.build, ctx.stage
+  seeds = []
+  for s in range(ctx.config.search.num_seeds):
+    seed = ctx.config.seed + s
+    w_half, a_half = build.split_halves(ds, seed)
+    k_init, k_alpha, k_steps = jax.random.split(build.stage_key(stage, seed), 3)
+    seeds.append(_Seed(build.train_iterator(stage, w_half, seed),
+                       build.train_iterator(stage, a_half, seed + 1),
+                       k_init, k_alpha, k_steps))
+  return seeds, len(w_half), len(a_half)
+
+
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _init_state(ctx: StageContext, seeds: list[_Seed], model: Any, space: Any,
+                objective: Objective, txs: tuple[Any, Any]) -> Any:
+  """The replicated SearchState; several seeds' stacked on a leading seed axis."""
+  priors = _prior_alphas(ctx) or [None] * len(seeds)
+  input_shape = objective.input_shape(
+      (1, ctx.config.image_size, ctx.config.image_size, ctx.build.spec(ctx.stage).channels))
+  states = [init_search_state(model, _initial_alphas(ctx, space, s.k_alpha, prior), *txs,
+                              s.k_init, input_shape) for s, prior in zip(seeds, priors)]
+  return ctx.build.replicate(states[0] if len(states) == 1 else _stack(states))
+
+
+def _jit_step(step: Any, num_seeds: int) -> Any:
+  """The jitted step; for several seeds vmapped over the seed axis, its metrics
+  named `seedS/NAME` (scalars, as the loop sums and checks them)."""
+  if num_seeds == 1:
+    return jax.jit(step, donate_argnums=0)
+
+  def seeds_step(state, w_batch, a_batch, keys):
+    state, metrics = jax.vmap(step)(state, w_batch, a_batch, keys)
+    return state, {f"seed{s}/{k}": v[s] for s in range(num_seeds)
+                   for k, v in metrics.items()}
+
+  return jax.jit(seeds_step, donate_argnums=0)
+
+
+def _inputs(build: Any, seeds: list[_Seed], take: Any) -> tuple[Any, Any, jax.Array]:
+  """The step's (weight batch, architecture batch, key), `take`n from each seed's
+  iterators; several seeds' stacked on a leading seed axis."""
+  if len(seeds) == 1:
+    return (build.shard(take(seeds[0].w_iter)), build.shard(take(seeds[0].a_iter)),
+            seeds[0].k_steps)
+  stacked = lambda batches: build.shard(
+      jax.tree.map(lambda *xs: np.stack(xs), *batches), seed_axis=True)
+  return (stacked([take(s.w_iter) for s in seeds]),
+          stacked([take(s.a_iter) for s in seeds]), jnp.stack([s.k_steps for s in seeds]))
+
+
+def _seed_zero(state: Any, num_seeds: int) -> Any:
+  return state if num_seeds == 1 else jax.tree.map(lambda x: x[0], state)
 
 
 def _check_bilevel(cfg: Any, stage: str) -> None:
@@ -189,7 +285,10 @@ def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> li
           f"{r['entropy_last']:.6f} nats (uniform: {np.log(len(candidates[0])):.6f})",
           f"- how decided (last epoch): {decision.describe(r['decision_last'])}",
           f"- genotype of this phase (epoch {r['epoch']}): "
-          f"`{stage}/genotype.json`; alpha heatmap: `{stage}/alpha_heatmap.png`", ""]
+          f"`{stage}/genotype.json`; alpha heatmap: `{stage}/alpha_heatmap.png`", ""] + (
+              [f"- the lines above are seed 0's of {r['num_seeds']} searches "
+               f"(search.num_seeds); every seed's genotype: `{stage}/result.json` "
+               "seed_genotypes", ""] if r.get("num_seeds", 1) > 1 else [])
 
 
 @register_stage("search_phase1", needs=_alpha_need, check_config=check_config,
@@ -199,41 +298,37 @@ def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> li
 def run_search_phase(ctx: StageContext) -> dict[str, Any]:
   """Runs one search phase into workdir/<stage>/ and returns its result record."""
   build, cfg, stage = ctx.build, ctx.cfg, ctx.stage
+  num_seeds = ctx.config.search.num_seeds
   space, objective, model = _supernet(ctx)
-  w_half, a_half = build.split_halves(build.load_split(stage, cfg.split))
-  steps_per_epoch = build.steps_per_epoch(min(len(w_half), len(a_half)), cfg.batch_size)
+  seeds, w_examples, a_examples = _make_seeds(ctx, build.load_split(stage, cfg.split))
+  steps_per_epoch = build.steps_per_epoch(min(w_examples, a_examples), cfg.batch_size)
   total_steps = cfg.epochs * steps_per_epoch
-  w_iter = build.train_iterator(stage, w_half, ctx.config.seed)
-  a_iter = build.train_iterator(stage, a_half, ctx.config.seed + 1)
   w_tx, a_tx = build.search_optimizers(cfg, steps_per_epoch)
-  k_init, k_alpha, k_steps = jax.random.split(build.stage_key(stage), 3)
-  input_shape = objective.input_shape(
-      (1, ctx.config.image_size, ctx.config.image_size, build.spec(stage).channels))
-  state = build.replicate(init_search_state(
-      model, _initial_alphas(ctx, space, k_alpha), w_tx, a_tx, k_init, input_shape))
+  state = _init_state(ctx, seeds, model, space, objective, (w_tx, a_tx))
   warmup_steps = cfg.warmup_epochs * steps_per_epoch
-  step_fn = jax.jit(make_search_step(
+  step_fn = _jit_step(make_search_step(
       model, objective, w_tx, a_tx, cfg.mode, warmup_steps=warmup_steps,
-      tau_schedule=build.gumbel_temperature(cfg, total_steps)), donate_argnums=0)
-  _describe(ctx, steps_per_epoch, len(w_half), len(a_half), warmup_steps)
+      tau_schedule=build.gumbel_temperature(cfg, total_steps)), num_seeds)
+  _describe(ctx, steps_per_epoch, w_examples, a_examples, warmup_steps)
   evals, infer = evaluators.Evals(cfg.get("evals"), build, stage), _infer(model)
-  net = lambda state: evaluators.Net(infer, state, build.mesh, objective.head, objective)
-  inputs = lambda: (build.shard(next(w_iter)), build.shard(next(a_iter)), k_steps)
+  # The evaluators see seed 0's supernet only.
+  net = lambda state: evaluators.Net(infer, _seed_zero(state, num_seeds), build.mesh,
+                                     objective.head, objective)
+  iterators = [it for s in seeds for it in (s.w_iter, s.a_iter)]
 
-  with build.stage_run(stage, [w_iter, a_iter], steps_per_epoch, cfg.epochs,
+  with build.stage_run(stage, iterators, steps_per_epoch, cfg.epochs,
                        cfg.batch_size) as run:
     state = run.start(state)
     if not run.finished:
-      step_fn = compile_step(step_fn, stage, state, build.shard(peek(w_iter)),
-                             build.shard(peek(a_iter)), k_steps)
+      step_fn = compile_step(step_fn, stage, state, *_inputs(build, seeds, peek))
     while not run.finished:
       try:
-        state = run.step(step_fn, state, inputs())
+        state = run.step(step_fn, state, _inputs(build, seeds, next))
         if run.loop.epoch_ended:
           end = run.end_epoch()
           _end_epoch(ctx, run, state, end, space)
-          evaluators.log(run, int(state.step), evals.run_due(net(state), end.epoch,
-                                                             cfg.epochs))
+          evaluators.log(run, int(_seed_zero(state, num_seeds).step),
+                         evals.run_due(net(state), end.epoch, cfg.epochs))
         run.checkpoint(state)
       except Rollback as bad:
         state = run.roll_back(bad)
@@ -263,6 +358,11 @@ def _describe(ctx: StageContext, steps_per_epoch: int, w_examples: int, a_exampl
        f"({warmup_steps} weight-only steps)" +
        (f" gumbel tau {cfg.gumbel_tau_max} -> {cfg.gumbel_tau_min}"
         if cfg.mode == "gumbel" else ""))
+  n, seed = ctx.config.search.num_seeds, ctx.config.seed
+  if n > 1:
+    note(f"[{stage}] {n} independent searches (search.num_seeds) with seeds {seed}.."
+         f"{seed + n - 1} in one vmapped step; logs, alpha_history.json's top level and "
+         f"genotype.json are seed {seed}'s")
 
 
 def _describe_alpha_lr(cfg: Any, scale: float, steps: int) -> str:
@@ -283,40 +383,81 @@ def _describe_alpha_lr(cfg: Any, scale: float, steps: int) -> str:
 def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
                space: Any) -> None:
   """Writes the epoch's record and appends it to the alpha history (`run.carry`)."""
-  config, stage = ctx.config, ctx.stage
+  stage, n = ctx.stage, ctx.config.search.num_seeds
+  alphas = _to_numpy(state.alphas)
+  if n == 1:
+    records = [_epoch_record(ctx.config, stage, end.epoch, end.means, alphas, space)]
+  else:
+    records = [_epoch_record(ctx.config, f"{stage} seed {s}", end.epoch,
+                             _seed_means(end.means, s), {k: v[s] for k, v in alphas.items()},
+                             space) for s in range(n)]
+  stats = _mean_over_seeds([r["decision"] for r, _ in records])
+  note(f"[{stage}] epoch {end.epoch}: " + ("" if n == 1 else f"{n} seeds, mean over "
+                                           "seeds: ") + decision.describe(stats))
+  a_losses = [r["a_loss"] for r, _ in records if r["a_loss"] is not None]
+  run.bar.set_postfix(w_loss=f"{np.mean([r['w_loss'] for r, _ in records]):.3f}",
+                      a_loss=f"{np.mean(a_losses):.3f}" if a_losses else "warm-up")
+  entry = records[0][0] if n == 1 else dict(records[0][0], seeds=[r for r, _ in records])
+  run.carry = {"history": run.carry.get("history", []) + [entry]}
+  header = dict(epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds)
+  if n == 1:
+    scalars = records[0][1]
+    written = dict(scalars["means"], **header, **scalars["rest"])
+  else:
+    written = dict(header, num_seeds=n, **{f"seeds_mean/{k}": v for k, v in stats.items()})
+    for s, (_, scalars) in enumerate(records):
+      written.update({f"seed{s}/{k}": v for k, v in scalars["rest"].items()})
+      written.update({f"seed{s}/{k}": v for k, v in scalars["means"].items()})
+  run.writer.write(int(_seed_zero(state, n).step), written)
+
+
+def _seed_means(means: dict[str, float], seed: int) -> dict[str, float]:
+  """Seed `seed`'s step means, without their `seedS/` prefix."""
+  prefix = f"seed{seed}/"
+  return {k[len(prefix):]: v for k, v in means.items() if k.startswith(prefix)}
+
+
+def _mean_over_seeds(stats: list[dict[str, float]]) -> dict[str, float]:
+  """Each decision statistic's mean over the seeds (the layer count is every seed's)."""
+  if len(stats) == 1:
+    return stats[0]
+  return {k: stats[0][k] if k == "layers" else float(np.mean([s[k] for s in stats]))
+          for k in stats[0]}
+
+
+def _epoch_record(config: Any, who: str, epoch: int, means: dict[str, float],
+                  alphas: dict[str, np.ndarray], space: Any
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """One search's (alpha history record, metric scalars: its step means and the
+  rest) of the epoch."""
   # Warm-up spans whole epochs; there the alpha pass did not run, so its metrics
   # are placeholders and are dropped.
-  means = end.means
   alpha_updated = means["alpha_updated"] > 0
   if not alpha_updated:
     means = {k: v for k, v in means.items() if not k.startswith("a_")}
   a_loss = means["a_loss"] if alpha_updated else None
-  alphas = _to_numpy(state.alphas)
   genotype = derive(alphas, space, config.derive.rule,
                     DeriveLimits(config.derive.max_window7, config.derive.max_global),
                     budget_from_config(config)).to_dict()
   decisions = decision.layer_decisions(alphas)
   stats = decision.decision_stats(decisions)
-  _collapse_alarm(stage, end.epoch, decisions.entropy, alphas, space)
-  note(f"[{stage}] epoch {end.epoch}: {decision.describe(stats)}")
-  run.bar.set_postfix(w_loss=f"{means['w_loss']:.3f}",
-                      a_loss="warm-up" if a_loss is None else f"{a_loss:.3f}")
-  run.carry = {"history": run.carry.get("history", []) + [{
-      "epoch": end.epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
+  _collapse_alarm(who, epoch, decisions.entropy, alphas, space)
+  record = {
+      "epoch": epoch, "w_loss": means["w_loss"], "a_loss": a_loss,
       "alpha_updated": alpha_updated,
       "alphas": {k: v.tolist() for k, v in alphas.items()},
       "entropy": {k: v.tolist() for k, v in decisions.entropy.items()},
       "top_prob": {k: v.tolist() for k, v in decisions.top_prob.items()},
       "margin": {k: v.tolist() for k, v in decisions.margin.items()},
-      "decision": stats, "genotype": genotype}]}
-  run.writer.write(int(state.step), dict(
-      means, epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds, **stats,
-      **_alpha_scalars(alphas, space), **decision.per_layer_scalars(decisions),
-      genotype=genotype))
+      "decision": stats, "genotype": genotype}
+  rest = dict(**stats, **_alpha_scalars(alphas, space), **decision.per_layer_scalars(decisions),
+              genotype=genotype)
+  return record, {"means": means, "rest": rest}
 
 
 def _finish(ctx: StageContext, history: list[dict[str, Any]]) -> dict[str, Any]:
-  """Writes alpha_history.json and genotype.json; returns the phase's result."""
+  """Writes alpha_history.json and genotype.json (seed 0's); returns the phase's
+  result, with every seed's chosen epoch, alphas and genotype when there are several."""
   config = ctx.config
   write_json(os.path.join(ctx.out_dir, "alpha_history.json"), history)
   chosen = select_epoch(history, config.derive.select)
@@ -326,14 +467,22 @@ def _finish(ctx: StageContext, history: list[dict[str, Any]]) -> dict[str, Any]:
               "select": config.derive.select, "rule": config.derive.rule,
               "alphas": chosen["alphas"]})
   mean_entropy = lambda h: float(np.mean([np.mean(v) for v in h["entropy"].values()]))
-  return {"genotype": chosen["genotype"], "alphas": chosen["alphas"],
-          "epoch": chosen["epoch"], "final_alphas": history[-1]["alphas"],
-          "final_w_loss": history[-1]["w_loss"], "final_a_loss": history[-1]["a_loss"],
-          "first_a_loss": first_alpha_epoch["a_loss"],
-          "first_a_epoch": first_alpha_epoch["epoch"],
-          "entropy_first": mean_entropy(history[0]),
-          "entropy_last": mean_entropy(history[-1]),
-          "decision_last": history[-1]["decision"]}
+  result = {"genotype": chosen["genotype"], "alphas": chosen["alphas"],
+            "epoch": chosen["epoch"], "final_alphas": history[-1]["alphas"],
+            "final_w_loss": history[-1]["w_loss"], "final_a_loss": history[-1]["a_loss"],
+            "first_a_loss": first_alpha_epoch["a_loss"],
+            "first_a_epoch": first_alpha_epoch["epoch"],
+            "entropy_first": mean_entropy(history[0]),
+            "entropy_last": mean_entropy(history[-1]),
+            "decision_last": history[-1]["decision"]}
+  n = config.search.num_seeds
+  if n > 1:
+    seeds = [select_epoch([h["seeds"][s] for h in history], config.derive.select)
+             for s in range(n)]
+    result.update(num_seeds=n, seed_alphas=[c["alphas"] for c in seeds],
+                  seed_genotypes=[c["genotype"] for c in seeds],
+                  seed_epochs=[c["epoch"] for c in seeds])
+  return result
 
 
 def _alpha_scalars(alphas: dict[str, np.ndarray], space: Any) -> dict[str, float]:
@@ -354,7 +503,7 @@ def _alpha_scalars(alphas: dict[str, np.ndarray], space: Any) -> dict[str, float
 COLLAPSE_FRACTION = 0.25
 
 
-def _collapse_alarm(stage: str, epoch: int, entropy: dict[str, np.ndarray],
+def _collapse_alarm(who: str, epoch: int, entropy: dict[str, np.ndarray],
                     alphas: dict[str, np.ndarray], space: Any) -> None:
   for s, ops in enumerate(space.candidates):
     name = f"stage{s + 1}"
@@ -362,7 +511,7 @@ def _collapse_alarm(stage: str, epoch: int, entropy: dict[str, np.ndarray],
     for l, h in enumerate(entropy[name]):
       if len(ops) > 1 and h < COLLAPSE_FRACTION * uniform:
         top = ops[int(np.argmax(alphas[name][l]))]
-        note(f"[{stage}] epoch {epoch}: {name} layer {l + 1} has collapsed onto {top} "
+        note(f"[{who}] epoch {epoch}: {name} layer {l + 1} has collapsed onto {top} "
              f"(entropy {h:.3f} nats, uniform {uniform:.3f})")
 
 

@@ -117,7 +117,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       zero_init_residual=False,  # True: each bottleneck's last BN scale starts at 0
   ))
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
-  c.search = ml_collections.ConfigDict(dict(candidates=tuple(ORIGINAL_OPS)))
+  c.search = ml_collections.ConfigDict(dict(
+      candidates=tuple(ORIGINAL_OPS),
+      # N > 1: each search phase runs N independent searches in one compiled program;
+      # seed s is the single search with seed + s (its own init, data order, masks
+      # and noise). result.json gives seed 0's keys plus every seed's alphas and
+      # genotype (seed_alphas, seed_genotypes, seed_epochs).
+      num_seeds=1,
+  ))
   # Phase 1: shorter side to 40, centre 32, flip; phase 2: crop 32 of padding 4, flip.
   c.search_phase1 = search_phase(objective="car", epochs=20, resize="shorter_side",
                                  resize_size=40)
