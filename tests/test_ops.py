@@ -204,6 +204,8 @@ def test_head_count_changes_the_output(impl):
 
 
 def test_local_attention_gradients_match_finite_differences():
+  """Each function is jitted: check_grads evaluates it and its VJP at many points of
+  one shape, so one compile each replaces hundreds of float64 op-by-op dispatches."""
   rng = np.random.default_rng(6)
   with jax.enable_x64(True):
     q, k, v = (jnp.asarray(rng.standard_normal((1, 3, 4, 4))) for _ in range(3))
@@ -213,17 +215,17 @@ def test_local_attention_gradients_match_finite_differences():
                                              **kw)
     for impl in IMPLS:
       for border in BORDERS:
-        check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
-                                                 impl=impl, border=border),
+        check_grads(jax.jit(lambda q, k, v, row, col: fn(
+            q, k, v, rel_row=row, rel_col=col, impl=impl, border=border)),
                     (q, k, v, rel_row, rel_col), order=1, modes=["rev"])
     # A padded, multi-block halo layout.
     q5, k5, v5 = (jnp.asarray(rng.standard_normal((1, 5, 5, 4))) for _ in range(3))
-    check_grads(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
-                                             block_size=2),
+    check_grads(jax.jit(lambda q, k, v, row, col: fn(q, k, v, rel_row=row, rel_col=col,
+                                                     block_size=2)),
                 (q5, k5, v5, rel_row, rel_col), order=1, modes=["rev"])
     mixed_v = jnp.asarray(rng.standard_normal((1, 3, 4, 2, 4)))
     mix = jnp.asarray(rng.random((9, 2)))
-    check_grads(lambda v, mix: fn(q, k, v, value_mix=mix, impl="scan"),
+    check_grads(jax.jit(lambda v, mix: fn(q, k, v, value_mix=mix, impl="scan")),
                 (mixed_v, mix), order=1, modes=["rev"])
 
 
