@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fanas_jax.configs import quickstart
-from fanas_jax import experiment, logging_utils
-from fanas_jax.builders import Builder
+from fanas_jax import experiment
 from fanas_jax.train import load_final_variables
+from tests.interrupt import builder_dying_after_epoch
 
 WALL_CLOCK = ("time", "epoch_seconds")
 
@@ -30,18 +30,8 @@ def _metrics(workdir):
             for line in f]
 
 
-class DyingWriter(logging_utils.MetricWriter):
-  def write(self, step, metrics):
-    super().write(step, metrics)
-    if metrics.get("epoch") == 2:  # epoch 2's record written, its checkpoint 50 not yet
-      raise KeyboardInterrupt("simulated kill")
-
-
-class DyingBuilder(Builder):
-  """Its writers die right after writing epoch 2's record."""
-
-  def writer(self, stage, purge_step=None):
-    return DyingWriter(self.workdir, stage, purge_step=purge_step)
+# Dies with epoch 2's record written, its checkpoint 50 not yet.
+DyingBuilder = builder_dying_after_epoch(2)
 
 
 @pytest.mark.slow

@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fanas_jax import config_checks, experiment, logging_utils, optim, search
-from fanas_jax.builders import Builder
+from fanas_jax import config_checks, experiment, optim, search
 from fanas_jax.configs import default, quickstart
 from fanas_jax.genotype import SearchSpace
 from fanas_jax.model import make_model
@@ -19,6 +18,7 @@ from fanas_jax.objectives import make_objective
 from fanas_jax.registry import ConfigError
 from fanas_jax.stage import StageContext
 from fanas_jax.steps import init_alphas, init_search_state, make_search_step
+from tests.interrupt import builder_dying_after_epoch
 
 SEED_KEYS = ("num_seeds", "seed_alphas", "seed_genotypes", "seed_epochs")
 
@@ -188,16 +188,8 @@ def test_result_history_and_metrics_carry_every_seed(runs):
                  for k in r)
 
 
-class DyingWriter(logging_utils.MetricWriter):
-  def write(self, step, metrics):
-    super().write(step, metrics)
-    if metrics.get("epoch") == 1:  # epoch 1's record written, its checkpoint 5 not yet
-      raise KeyboardInterrupt("simulated kill")
-
-
-class DyingBuilder(Builder):
-  def writer(self, stage, purge_step=None):
-    return DyingWriter(self.workdir, stage, purge_step=purge_step)
+# Dies with epoch 1's record written, its checkpoint 5 not yet.
+DyingBuilder = builder_dying_after_epoch(1)
 
 
 @pytest.mark.slow
