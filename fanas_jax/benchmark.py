@@ -5,6 +5,7 @@
     python -m fanas_jax.benchmark --suite=nets --nets=cifar,search
     python -m fanas_jax.benchmark --suite=nets,input --nets=cifar   # who limits whom
     python -m fanas_jax.benchmark --suite=retrieval    # top-k at SOP size, 60,502 x 512
+    python -m fanas_jax.benchmark --suite=seeds --seeds=4   # 4 seeds in one run vs 4 runs
 
 The ops suite times forward+backward of every attention core at one stage shape
 (default batch 64, 28x28, 256 channels, 8 heads, bfloat16): global attention
@@ -29,7 +30,10 @@ the exact blockwise top-k of zero-shot retrieval (fanas_jax.retrieval; default a
 Stanford Online Products size, 60,502 x 512 queried against itself with K=1000)
 at each `--retrieval_blocks` query block, on all devices, beside the bytes it
 holds per device computed from the shapes (O(block x N), never N x N) and the
-device's own peak where it reports one.
+device's own peak where it reports one. The seeds suite times whole search runs,
+compile included (`--seed_steps` steps of the supernet of the search flags): one
+single-seed run, then one run of each `--seeds` N in one vmapped step (what
+search.num_seeds=N runs), against N separate runs.
 
 Times are medians of `--iters` calls after `--warmup` calls. The ops and nets
 suites use synthetic in-memory inputs, so they need no dataset (and none of grain,
@@ -64,7 +68,7 @@ from fanas_jax.ops.attention import IMPLEMENTATIONS, default_backend
 PEAK_FLOPS_16BIT = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
                     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
 NETS = ("cifar", "imagenet", "search")
-SUITES = ("ops", "nets", "input", "retrieval")
+SUITES = ("ops", "nets", "input", "retrieval", "seeds")
 INPUT_MIN_BATCHES = 50
 # Backbone variables of one layer's op: backbone/stage{s}_layer{l}_{op}.
 _LAYER_VARIABLES = re.compile(r"stage\d+_layer\d+_(.+)")
@@ -362,6 +366,94 @@ def input_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
   return rows
 
 
+def seeds_suite(a: argparse.Namespace) -> list[dict[str, Any]]:
+  """Whole search runs, compile included: one single-seed run, then for each --seeds
+  N one run of N seeds in one vmapped step (search.num_seeds=N). Each N-seed row
+  carries its wall time against N separate single-seed runs (each compiling, as
+  separate processes without a warm cache do) and against the cheapest N separate
+  runs could be (one compile, N x the steps)."""
+  mesh = parallel.make_mesh(a.devices)
+  ops = a.search_ops[:max(a.search_candidates)]
+  single = _seed_run(a, mesh, 1, ops)
+  rows = [single]
+  for n in a.seeds:
+    row = _seed_run(a, mesh, n, ops)
+    row["vs_separate"] = row["run_s"] / (n * single["run_s"])
+    row["vs_separate_one_compile"] = row["run_s"] / (
+        single["compile_s"] + n * single["steps_s"])
+    row["step_vs_separate"] = row["median_ms"] / (n * single["median_ms"])
+    rows.append(row)
+  return rows
+
+
+def _seed_batches(n: int, batch: int, size: int, mesh: Any, offset: int) -> dict:
+  """n seeds' own synthetic batches, [n, batch, ...] sharded on the batch axis
+  (one seed: [batch, ...], as a single search feeds its step)."""
+  rngs = [np.random.default_rng(offset + s) for s in range(n)]
+  images = np.stack([r.standard_normal((batch, size, size, 3)) for r in rngs])
+  labels = np.stack([r.integers(0, 10, batch) for r in rngs])
+  stacked = {"image": images.astype(np.float32), "label": labels.astype(np.int32)}
+  if n == 1:
+    return parallel.shard_batch(jax.tree.map(lambda x: x[0], stacked), mesh)
+  return parallel.shard_batch(stacked, mesh, seed_axis=True)
+
+
+def _seed_run(a: argparse.Namespace, mesh: Any, n: int,
+              ops: Sequence[str]) -> dict[str, Any]:
+  """One search run of n seeds at the first --search_sizes and --supernet_impls:
+  compile the step (vmapped over the seeds for n > 1), then --seed_steps steps,
+  each fed the state the last one returned."""
+  size, impl = a.search_sizes[0], a.supernet_impls[0]
+  mode = (a.search_modes or ["first_order"])[0]
+  space, objective = SearchSpace.uniform(ops), _car_objective(size)
+  width, batch = a.search_width, a.search_batch * mesh.size
+  model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
+                     attention_impl=a.impls[0], supernet_impl=impl, out_channels=3)
+  w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
+  states = [steps.init_search_state(
+      model, steps.init_alphas(space, jax.random.key(2 * s), 1e-3), w_tx, a_tx,
+      jax.random.key(2 * s + 1), (1, size, size, 3)) for s in range(n)]
+  state = parallel.replicate(
+      states[0] if n == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states), mesh)
+  keys = jax.random.key(7) if n == 1 else jnp.stack([jax.random.key(7 + s)
+                                                     for s in range(n)])
+  args = (_seed_batches(n, batch, size, mesh, 100), _seed_batches(n, batch, size, mesh, 200),
+          keys)
+  step = steps.seeds_step(steps.make_search_step(model, objective, w_tx, a_tx, mode), n)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, *args).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(a.seed_steps):
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(compiled(state, *args))
+    times.append(time.perf_counter() - t0)
+  macs = batch * cost.network_cost(space.layer_ops(), width, size).macs
+  return dict(
+      name=f"{n} seed(s), {mode}, {len(ops)} ops, {impl}, C={width}, {size}x{size}: "
+           f"compile + {a.seed_steps} steps",
+      kind="seeds", num_seeds=n, step=mode, image_size=size, devices=mesh.size,
+      supernet_impl=impl, num_candidates=len(ops), batch=2 * batch * n,
+      macs=2 * macs * n, compile_s=compile_s, steps_s=float(sum(times)),
+      run_s=compile_s + float(sum(times)), median_ms=1e3 * float(np.median(times)),
+      memory_mib=None)
+
+
+def seeds_table(rows: list[dict[str, Any]]) -> str:
+  head = (f"{'search runs of N seeds':66s} {'compile s':>9s} {'step ms':>9s} "
+          f"{'run s':>8s} {'vs N runs':>9s} {'vs N runs, 1 compile':>20s} "
+          f"{'step vs N':>9s}")
+  lines = [head, "-" * len(head)]
+  fmt = lambda v, width: "-" if v is None else format(v, f"{width}.2f")
+  for r in rows:
+    lines.append(
+        f"{r['name']:66s} {r['compile_s']:9.1f} {r['median_ms']:9.1f} {r['run_s']:8.1f} "
+        f"{fmt(r.get('vs_separate'), 9):>9s} "
+        f"{fmt(r.get('vs_separate_one_compile'), 20):>20s} "
+        f"{fmt(r.get('step_vs_separate'), 9):>9s}")
+  return "\n".join(lines)
+
+
 def _device_peak_mib() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
@@ -505,7 +597,7 @@ def _general_problems(a: argparse.Namespace) -> list[str]:
   a.suite = _split(a.suite)
   problems = []
   if not a.suite or set(a.suite) - set(SUITES):
-    problems.append(f"--suite takes ops, nets, input and/or retrieval, got {a.suite}")
+    problems.append(f"--suite takes {', '.join(SUITES)} (comma list), got {a.suite}")
   if a.devices < 0 or a.devices > jax.device_count():
     problems.append(f"--devices {a.devices}: {jax.device_count()} device(s) are "
                     "present (0: all)")
@@ -582,6 +674,15 @@ def _input_problems(a: argparse.Namespace) -> list[str]:
   return problems
 
 
+def _seeds_problems(a: argparse.Namespace) -> list[str]:
+  problems = []
+  if _integers(a, "seeds", "integers", problems) and (
+      not a.seeds or min(a.seeds) < 2):
+    problems.append(f"--seeds takes seed counts of 2 or more (each is timed against "
+                    f"a single-seed run), got {a.seeds}")
+  return problems + _positive(a, "seed_steps")
+
+
 def _retrieval_problems(a: argparse.Namespace) -> list[str]:
   problems = []
   if _integers(a, "retrieval_blocks", "integers", problems):
@@ -597,14 +698,14 @@ def _retrieval_problems(a: argparse.Namespace) -> list[str]:
 
 # In order: _search_problems reads what the general and nets checks parsed.
 _CHECKS = (_general_problems, _ops_problems, _nets_problems, _search_problems,
-           _input_problems, _retrieval_problems)
+           _input_problems, _seeds_problems, _retrieval_problems)
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m fanas_jax.benchmark",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--suite", default="ops,nets",
-                 help="ops, nets, input, retrieval (comma list)")
+                 help=", ".join(SUITES) + " (comma list)")
   p.add_argument("--devices", type=int, default=0,
                  help="data-parallel devices for the nets suite (0: all)")
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
@@ -630,6 +731,13 @@ def _parser() -> argparse.ArgumentParser:
   inputs.add_argument("--input_sizes", default="",
                       help="resolutions (default: those of --nets)")
   inputs.add_argument("--input_workers", type=int, default=0, help="grain worker processes")
+  seeds = p.add_argument_group(
+      "seeds suite (the supernet of the nets suite's search flags, at the first "
+      "--search_sizes, --supernet_impls and --search_modes)")
+  seeds.add_argument("--seeds", default="4", help="seed counts N to time (comma list)")
+  seeds.add_argument("--seed_steps", type=int, default=66,
+                     help="steps per run (66: one quickstart search phase, 3 epochs "
+                          "of 22 steps)")
   _retrieval_arguments(p)
   return p
 
@@ -695,6 +803,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table(rows))
   if len(_scaling_points(rows)) > 1 or any("vs_single_ops" in r for r in rows):
     print(scaling_table(rows))
+  if "seeds" in a.suite:
+    seed_rows = seeds_suite(a)
+    _finish(seed_rows, DTYPES[a.dtype])
+    print(seeds_table(seed_rows))
+    rows += seed_rows
   if "retrieval" in a.suite:
     retrieval_rows = retrieval_suite(a)
     print(retrieval_table(retrieval_rows))

@@ -44,7 +44,8 @@ from fanas_jax.objectives import OBJECTIVES, Objective, make_objective
 from fanas_jax.optim import alpha_b2, alpha_steps
 from fanas_jax.registry import ConfigError
 from fanas_jax.stage import Need, StageContext, register_stage, write_json
-from fanas_jax.steps import SEARCH_MODES, init_alphas, init_search_state, make_search_step
+from fanas_jax.steps import (SEARCH_MODES, init_alphas, init_search_state,
+                             make_search_step, seeds_step)
 
 SEARCH_STAGES = ("search_phase1", "search_phase2")
 SELECT_CHOICES = ("best", "last")
@@ -150,17 +151,7 @@ def _init_state(ctx: StageContext, seeds: list[_Seed], model: Any, space: Any,
 
 
 def _jit_step(step: Any, num_seeds: int) -> Any:
-  """The jitted step; for several seeds vmapped over the seed axis, its metrics
-  named `seedS/NAME` (scalars, as the loop sums and checks them)."""
-  if num_seeds == 1:
-    return jax.jit(step, donate_argnums=0)
-
-  def seeds_step(state, w_batch, a_batch, keys):
-    state, metrics = jax.vmap(step)(state, w_batch, a_batch, keys)
-    return state, {f"seed{s}/{k}": v[s] for s in range(num_seeds)
-                   for k, v in metrics.items()}
-
-  return jax.jit(seeds_step, donate_argnums=0)
+  return jax.jit(seeds_step(step, num_seeds), donate_argnums=0)
 
 
 def _inputs(build: Any, seeds: list[_Seed], take: Any) -> tuple[Any, Any, jax.Array]:

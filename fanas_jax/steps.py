@@ -186,6 +186,21 @@ class TrainState:
   opt_state: Any
 
 
+def seeds_step(step: Any, num_seeds: int) -> Any:
+  """`step` for `num_seeds` searches at once: vmapped over a leading seed axis of the
+  state, both batches and the keys, its metrics named `seedS/NAME` (scalars, as the
+  loop sums and checks them). One seed is the step itself."""
+  if num_seeds == 1:
+    return step
+
+  def run(state, w_batch, a_batch, keys):
+    state, metrics = jax.vmap(step)(state, w_batch, a_batch, keys)
+    return state, {f"seed{s}/{k}": v[s] for s in range(num_seeds)
+                   for k, v in metrics.items()}
+
+  return run
+
+
 def make_train_step(model: Model, objective: Objective,
                     tx: optax.GradientTransformation, alphas: Any = None) -> Callable:
   """One weight step. `alphas` fixes a supernet's mixture (None: a derived net)."""

@@ -24,7 +24,7 @@ def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--impls=gather"], "--impls takes blocked, scan"),
-    (["--suite=io"], "--suite takes ops, nets, input and/or retrieval"),
+    (["--suite=io"], "--suite takes ops, nets, input, retrieval, seeds"),
     (["--devices=99"], "--devices 99"),
     (["--windows=4"], "--windows takes odd integers"),
     (["--modules=conv3"], "unknown ops ['conv3']"),
@@ -183,3 +183,36 @@ def test_candidates_sweep_and_single_op_ratio_in_one_run(tmp_path, capsys):
   scaling = out[out.index("supernet_impl"):].splitlines()
   assert [line.split()[:3] for line in scaling[2:4]] == [["per_op", "2", "8"],
                                                          ["per_op", "3", "8"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds=1,4"], "--seeds takes seed counts of 2 or more"),
+    (["--seeds=four"], "--seeds takes integers, got 'four'"),
+    (["--seed_steps=0"], "--seed_steps must be positive"),
+])
+def test_bad_seeds_arguments_are_refused_before_compute(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.parse_args(args)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_seed_rows_compare_one_run_of_n_seeds_with_n_separate_runs(monkeypatch):
+  """The ratios of the seeds suite, from made-up runs: N separate runs each compile
+  and step; the cheapest N separate runs compile once."""
+  runs = {1: (60.0, 30.0, 400.0), 4: (90.0, 100.0, 1500.0)}  # compile s, steps s, step ms
+
+  def fake_run(a, mesh, n, ops):
+    compile_s, steps_s, median_ms = runs[n]
+    return dict(name=f"{n} seed(s)", num_seeds=n, compile_s=compile_s, steps_s=steps_s,
+                run_s=compile_s + steps_s, median_ms=median_ms)
+
+  monkeypatch.setattr(benchmark, "_seed_run", fake_run)
+  rows = benchmark.seeds_suite(benchmark.parse_args(["--seeds=4"]))
+  assert [r["num_seeds"] for r in rows] == [1, 4]
+  assert "vs_separate" not in rows[0]
+  assert rows[1]["vs_separate"] == pytest.approx(190.0 / (4 * 90.0))
+  assert rows[1]["vs_separate_one_compile"] == pytest.approx(190.0 / (60.0 + 4 * 30.0))
+  assert rows[1]["step_vs_separate"] == pytest.approx(1500.0 / (4 * 400.0))
+  lines = benchmark.seeds_table(rows).splitlines()
+  assert len(lines) == 4 and lines[3].split()[-3:] == ["0.53", "1.06", "0.94"]
