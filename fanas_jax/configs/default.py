@@ -84,26 +84,9 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
   return phase
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.dataset = "sklearn_digits"
-  c.data_dir = ""             # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  # Or dataset = "folder:/path/ROOT" for images in ROOT/SPLIT/CLASS/*.jpg|png|...
-  c.bad_examples = "raise"    # an undecodable/misshapen/mislabelled example: 'raise' or
-                              # 'skip' (train: next good example; eval: masked out)
-  c.data_workers = 0          # grain worker processes building training batches (0: threads)
-  c.compile_cache = "default"  # XLA compilation cache: 'default' ($JAX_COMPILATION_CACHE_DIR,
-                              # else ~/.cache/fanas_jax/xla), 'off', or a directory
-  c.image_size = 32
-  c.stages = STAGES
-  c.eval_batch_size = 256
-  # Data parallelism: batch sizes are global (split over all devices and processes).
-  c.num_devices = 0           # size of the 1-D 'data' mesh; 0 = every device present
-  c.lr_reference_batch = 0    # 0: lrs as given; N: weight lrs x global batch / N (linear rule)
-
-  c.model = ml_collections.ConfigDict(dict(
+def _model() -> ml_collections.ConfigDict:
+  """The network: the supernet's width, stem and dtype, and where ours may differ from the authors'."""
+  return ml_collections.ConfigDict(dict(
       width=16,               # search supernet width C
       stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
       dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay f32)
@@ -116,8 +99,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       relu_after_add=False,   # True: ReLU after each bottleneck's residual add
       zero_init_residual=False,  # True: each bottleneck's last BN scale starts at 0
   ))
+
+
+def _search() -> ml_collections.ConfigDict:
+  """The search space, and how many searches run at once."""
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
-  c.search = ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(
       candidates=tuple(ORIGINAL_OPS),
       # N > 1: each search phase runs N independent searches in one compiled program;
       # seed s is the single search with seed + s (its own init, data order, masks
@@ -125,18 +112,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # genotype (seed_alphas, seed_genotypes, seed_epochs).
       num_seeds=1,
   ))
-  # Phase 1: shorter side to 40, centre 32, flip; phase 2: crop 32 of padding 4, flip.
-  c.search_phase1 = search_phase(objective="car", epochs=20, resize="shorter_side",
-                                 resize_size=40)
-  c.search_phase2 = search_phase(objective="supervised", epochs=50, a_lr=1e-4,
-                                 init_alpha_from="search_phase1", crop_padding=4)
-  c.derive = ml_collections.ConfigDict(dict(
+
+
+def _derive() -> ml_collections.ConfigDict:
+  """The discrete architecture from the last search phase's alphas."""
+  return ml_collections.ConfigDict(dict(
       rule="constrained", max_window7=1, max_global=1, select="last",
       # Optional caps on the derived network at train.width and image_size
       # (0 = none): solved exactly together with the per-stage limits.
       max_params=0, max_macs=0))
 
-  c.train = ml_collections.ConfigDict(dict(
+
+def _train() -> ml_collections.ConfigDict:
+  """Training the derived network (SPEC.md 5)."""
+  return ml_collections.ConfigDict(dict(
       genotype="searched",    # or a named genotype, e.g. 'original'
       init="scratch",         # 'scratch' (the authors' protocol) or 'supernet': start
                               # from the chosen ops' weights of the last search phase
@@ -154,9 +143,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **evaluation(),
       evals=evals(),          # e.g. evals.val = dict(type='top1', split='test', every_epochs=5)
   ))
-  # Fine-tuning a trained network on another classification task (not in the default
-  # stages; the paper gives no recipe, this is the common one: SGD, cosine, a 10x head).
-  c.finetune = ml_collections.ConfigDict(dict(
+
+
+def _finetune() -> ml_collections.ConfigDict:
+  """Fine-tuning a trained network on another classification task."""
+  # Not in the default stages; the paper gives no recipe, this is the common one: SGD,
+  # cosine, a 10x head.
+  return ml_collections.ConfigDict(dict(
       pretrained="train",     # a stage of this workdir (train, retrieval), a
                               # final_variables.msgpack (or a stage dir holding one), or
                               # an orbax checkpoint step dir (RUN/train/checkpoints/STEP)
@@ -175,7 +168,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **evaluation(),
       evals=evals(),
   ))
-  c.retrieval = ml_collections.ConfigDict(dict(
+
+
+def _retrieval() -> ml_collections.ConfigDict:
+  """Zero-shot retrieval: train an embedding on some classes, rank the others."""
+  return ml_collections.ConfigDict(dict(
       dataset="",             # '' = config.dataset; or a dataset name for this stage only
       width=96, split="train+test",
       eval_split="",          # '' = split: the split the test classes are read from
@@ -203,16 +200,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **evaluation(),
       evals=evals(),          # e.g. evals.r = dict(type='recall_at_k', split='test', ks=(1, 2))
   ))
-  # The random-architecture baseline (not in the default stages): num_genotypes random
-  # genotypes within the derive limits (and budget) trained with the train block's
-  # recipe and config.seed; the genotype train trained is ranked among them.
-  c.baseline = ml_collections.ConfigDict(dict(
+
+
+def _baseline() -> ml_collections.ConfigDict:
+  """The random-architecture baseline (not in the default stages): num_genotypes random
+  genotypes within the derive limits (and budget) trained with the train block's
+  recipe and config.seed; the genotype train trained is ranked among them."""
+  return ml_collections.ConfigDict(dict(
       num_genotypes=8,
       sample_seed=0,          # which random genotypes are drawn (with config.seed)
   ))
-  # Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
-  # of the same command resumes from the newest one that restores.
-  c.checkpoint = ml_collections.ConfigDict(dict(
+
+
+def _checkpoint() -> ml_collections.ConfigDict:
+  """Checkpoints of every training stage (workdir/<stage>/checkpoints, orbax); a rerun
+  of the same command resumes from the newest one that restores."""
+  return ml_collections.ConfigDict(dict(
       every_steps=0,          # also save every N steps (0: only at each epoch end)
       keep=2,                 # the newest N checkpoints stay, older ones are deleted...
       keep_every_epochs=0,    # ... except those at every Nth epoch end (0: none)
@@ -221,4 +224,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               # good checkpoint, skip that batch, log it, go on)
       max_rollbacks=3,        # rollback: stop once a stage has skipped this many batches
   ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = "sklearn_digits"
+  c.data_dir = ""             # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  # Or dataset = "folder:/path/ROOT" for images in ROOT/SPLIT/CLASS/*.jpg|png|...
+  c.bad_examples = "raise"    # an undecodable/misshapen/mislabelled example: 'raise' or
+                              # 'skip' (train: next good example; eval: masked out)
+  c.data_workers = 0          # grain worker processes building training batches (0: threads)
+  c.compile_cache = "default"  # XLA compilation cache: 'default' ($JAX_COMPILATION_CACHE_DIR,
+                              # else ~/.cache/fanas_jax/xla), 'off', or a directory
+  c.image_size = 32
+  c.stages = STAGES
+  c.eval_batch_size = 256
+  # Data parallelism: batch sizes are global (split over all devices and processes).
+  c.num_devices = 0           # size of the 1-D 'data' mesh; 0 = every device present
+  c.lr_reference_batch = 0    # 0: lrs as given; N: weight lrs x global batch / N (linear rule)
+
+  c.model = _model()
+  c.search = _search()
+  # Phase 1: shorter side to 40, centre 32, flip; phase 2: crop 32 of padding 4, flip.
+  c.search_phase1 = search_phase(objective="car", epochs=20, resize="shorter_side",
+                                 resize_size=40)
+  c.search_phase2 = search_phase(objective="supervised", epochs=50, a_lr=1e-4,
+                                 init_alpha_from="search_phase1", crop_padding=4)
+  c.derive = _derive()
+  c.train = _train()
+  c.finetune = _finetune()
+  c.retrieval = _retrieval()
+  c.baseline = _baseline()
+  c.checkpoint = _checkpoint()
   return c
