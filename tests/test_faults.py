@@ -14,9 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -25,7 +22,7 @@ import pytest
 from fanas_jax.configs import quickstart
 from fanas_jax import config_checks, logging_utils
 from fanas_jax.train import load_final_variables
-from tests.conftest import ROOT
+from tests import cli
 
 SEARCH_STEPS_PER_EPOCH = 5   # 179 images per half of the test split, batch 32
 TRAIN_STEPS_PER_EPOCH = 6    # 359 images, batch 56
@@ -37,87 +34,23 @@ CONFIG = ("--config=configs/quickstart.py:tiny",
           "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=2",
           "--config.checkpoint.keep_every_epochs=2")
 PIPELINE = "--config.stages=search_phase1,derive,train"
-WALL_CLOCK = ("time", "epoch_seconds")
 
 
-def _env(cache_dir, **extra):
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+class Run(cli.Run):
+  """A run of CONFIG with these overrides."""
 
-
-class Run:
-  """One `python -m fanas_jax.main` process, its output in workdir/../NAME.log."""
-
-  def __init__(self, cache_dir, workdir, *overrides, module="fanas_jax.main", **env):
-    self.log = f"{workdir}.{len(glob.glob(workdir + '.*.log'))}.log"
-    self._file = open(self.log, "w")
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", module, *CONFIG, f"--workdir={workdir}", *overrides],
-        cwd=ROOT, stdout=self._file, stderr=subprocess.STDOUT, text=True,
-        env=_env(cache_dir, **env))
-
-  def wait(self, timeout=600):
-    try:
-      return self.proc.wait(timeout)
-    finally:
-      self._file.close()
-
-  @property
-  def output(self):
-    with open(self.log) as f:
-      return f.read()
-
-  def finish(self):
-    assert self.wait() == 0, self.output[-4000:]
-    return self.output
-
-
-def _steps(directory):
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
-def _wait_for_checkpoint(run, directory, least):
-  """Polls until a finished checkpoint >= least exists; fails if the run ends first."""
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    done = [s for s in _steps(directory) if s >= least]
-    if done:
-      return done[0]
-    assert run.proc.poll() is None, f"run ended before checkpoint {least}:\n" + \
-        run.output[-4000:]
-    time.sleep(0.02)
-  raise AssertionError(f"no checkpoint >= {least} in {directory}")
-
-
-def _metrics(workdir, stages):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [{k: v for k, v in r.items() if k not in WALL_CLOCK}
-          for r in rows if r["stage"] in stages]
-
-
-def _json(workdir, path):
-  with open(os.path.join(workdir, path)) as f:
-    return json.load(f)
-
-
-def _assert_same_search(workdir, reference):
-  for path in ("search_phase1/alpha_history.json", "search_phase1/genotype.json",
-               "search_phase1/result.json"):
-    assert _json(workdir, path) == _json(reference, path), path
-  assert _metrics(workdir, {"search_phase1"}) == _metrics(reference, {"search_phase1"})
+  def __init__(self, cache_dir, workdir, *overrides, **kwargs):
+    super().__init__(cache_dir, workdir, *CONFIG, *overrides, **kwargs)
 
 
 def _assert_same_training(workdir, reference):
-  assert _json(workdir, "train/result.json") == _json(reference, "train/result.json")
+  assert cli.read_json(workdir, "train/result.json") == \
+      cli.read_json(reference, "train/result.json")
   got, want = (load_final_variables(w, "train") for w in (workdir, reference))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype and np.array_equal(a, b)
-  assert _metrics(workdir, {"train"}) == _metrics(reference, {"train"})
+  assert cli.metrics(workdir, {"train"}) == cli.metrics(reference, {"train"})
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +82,9 @@ def _with_derived_genotype(workdir, reference):
 def test_checkpoints_kept_are_the_newest_and_the_periodic_ones(shared):
   _, reference = shared
   # Saved every 2 steps and at each epoch end; keep=2 newest, plus every 2nd epoch end.
-  assert _steps(os.path.join(reference, "search_phase1", "checkpoints")) == \
+  assert cli.steps(os.path.join(reference, "search_phase1", "checkpoints")) == \
       [2 * SEARCH_STEPS_PER_EPOCH, 14, 15]
-  assert _steps(os.path.join(reference, "train", "checkpoints")) == \
+  assert cli.steps(os.path.join(reference, "train", "checkpoints")) == \
       [2 * TRAIN_STEPS_PER_EPOCH, 16, 18]
 
 
@@ -160,13 +93,13 @@ def test_sigkill_mid_search_and_mid_training_resumes_bitwise(shared, tmp_path):
   cache, reference = shared
   workdir = str(tmp_path / "killed")
   run = Run(cache, workdir, PIPELINE)
-  _wait_for_checkpoint(run, os.path.join(workdir, "search_phase1", "checkpoints"), 2)
+  cli.wait_for_checkpoint(run, os.path.join(workdir, "search_phase1", "checkpoints"), 2)
   run.proc.kill()
   assert run.wait() == -signal.SIGKILL
   assert not os.path.exists(os.path.join(workdir, "search_phase1", "result.json"))
 
   run = Run(cache, workdir, PIPELINE)
-  step = _wait_for_checkpoint(run, os.path.join(workdir, "train", "checkpoints"), 4)
+  step = cli.wait_for_checkpoint(run, os.path.join(workdir, "train", "checkpoints"), 4)
   run.proc.kill()
   assert run.wait() == -signal.SIGKILL
   assert "[search_phase1] resuming from checkpoint" in run.output
@@ -175,8 +108,8 @@ def test_sigkill_mid_search_and_mid_training_resumes_bitwise(shared, tmp_path):
 
   output = Run(cache, workdir, PIPELINE).finish()
   assert "[train] resuming from checkpoint" in output
-  _assert_same_search(workdir, reference)
-  assert _json(workdir, "genotype.json") == _json(reference, "genotype.json")
+  cli.assert_same_search(workdir, reference)
+  assert cli.read_json(workdir, "genotype.json") == cli.read_json(reference, "genotype.json")
   _assert_same_training(workdir, reference)
 
 
@@ -187,7 +120,7 @@ def test_sigterm_saves_exits_zero_and_the_rerun_finishes_bitwise(shared, tmp_pat
   stages = "--config.stages=search_phase1,derive"
   ckpt_dir = os.path.join(workdir, "search_phase1", "checkpoints")
   run = Run(cache, workdir, stages)
-  _wait_for_checkpoint(run, ckpt_dir, 2)
+  cli.wait_for_checkpoint(run, ckpt_dir, 2)
   run.proc.send_signal(signal.SIGTERM)
   assert run.wait() == 0, run.output[-4000:]
   found = re.search(r"\[search_phase1\] preempted at step (\d+): saved checkpoint (\d+) in "
@@ -195,14 +128,15 @@ def test_sigterm_saves_exits_zero_and_the_rerun_finishes_bitwise(shared, tmp_pat
   assert found, run.output[-4000:]
   step = int(found.group(1))
   assert found.group(2) == found.group(1) and found.group(3) == ckpt_dir
-  assert step in _steps(ckpt_dir) and step < EPOCHS * SEARCH_STEPS_PER_EPOCH
+  assert step in cli.steps(ckpt_dir) and step < EPOCHS * SEARCH_STEPS_PER_EPOCH
   assert not os.path.exists(os.path.join(workdir, "search_phase1", "result.json"))
   assert not os.path.exists(os.path.join(workdir, "derive"))  # Later stages did not run.
 
   output = Run(cache, workdir, stages).finish()
   assert f"[search_phase1] resuming from checkpoint {step} " in output
-  _assert_same_search(workdir, reference)
-  assert _json(workdir, "derive/result.json") == _json(reference, "derive/result.json")
+  cli.assert_same_search(workdir, reference)
+  assert cli.read_json(workdir, "derive/result.json") == \
+      cli.read_json(reference, "derive/result.json")
 
 
 @pytest.mark.slow
@@ -212,10 +146,10 @@ def test_truncated_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
   workdir = _with_derived_genotype(str(tmp_path / "truncated"), reference)
   ckpt_dir = os.path.join(workdir, "train", "checkpoints")
   run = Run(cache, workdir, "--config.stages=train")
-  _wait_for_checkpoint(run, ckpt_dir, 4)
+  cli.wait_for_checkpoint(run, ckpt_dir, 4)
   run.proc.kill()
   run.wait()
-  *_, previous, newest = _steps(ckpt_dir)
+  *_, previous, newest = cli.steps(ckpt_dir)
   arrays = glob.glob(os.path.join(ckpt_dir, str(newest), "state", "**", "d", "*"),
                      recursive=True)
   assert arrays
@@ -249,7 +183,7 @@ def test_nan_loss_stops_naming_stage_step_and_last_good_checkpoint(shared, tmp_p
   assert message, output[-4000:]
   assert "grad_norm=nan" in message.group(1)
   assert message.group(2) == os.path.join(ckpt_dir, "4")
-  assert _steps(ckpt_dir) == [2, 4]  # Nothing saved after the bad step.
+  assert cli.steps(ckpt_dir) == [2, 4]  # Nothing saved after the bad step.
   assert not os.path.exists(os.path.join(workdir, "train", "result.json"))
 
 
@@ -261,14 +195,14 @@ def test_nan_loss_rolls_back_skips_the_batch_logs_it_and_finishes(shared, tmp_pa
   assert status == 0, output[-4000:]
   assert re.search(r"\[train\] non-finite .*grad_norm.* at step 5: rolled back to checkpoint 4 "
                    r"and skipping that batch \(1 of at most 3 skips\)", output), output[-4000:]
-  records = _metrics(workdir, {"train"})
+  records = cli.metrics(workdir, {"train"})
   skipped = [r for r in records if "skipped_batch" in r]
   assert len(skipped) == 1 and skipped[0]["step"] == 5 and skipped[0]["epoch"] == 1
   assert "grad_norm" in skipped[0]["nonfinite"]
   epochs = [r for r in records if "loss" in r]
   assert len(epochs) == EPOCHS and all(np.isfinite(r["loss"]) for r in epochs)
   assert epochs[-1]["step"] == EPOCHS * TRAIN_STEPS_PER_EPOCH  # The skip counts as a step.
-  assert np.isfinite(_json(workdir, "train/result.json")["test_top1"])
+  assert np.isfinite(cli.read_json(workdir, "train/result.json")["test_top1"])
   variables = load_final_variables(workdir, "train")
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
   # The skipped batch changed the run: not the reference's weights.

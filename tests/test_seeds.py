@@ -3,6 +3,7 @@ config.seed + s; the contract keys of result.json; resume; bad values refused.""
 import json
 import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from fanas_jax.objectives import make_objective
 from fanas_jax.registry import ConfigError
 from fanas_jax.stage import StageContext
 from fanas_jax.steps import init_alphas, init_search_state, make_search_step
+from tests import cli
 from tests.interrupt import builder_dying_after_epoch
 
 SEED_KEYS = ("num_seeds", "seed_alphas", "seed_genotypes", "seed_epochs")
@@ -32,6 +34,13 @@ def _config(seed=0, num_seeds=1):
   c.search_phase1.epochs = 2
   c.checkpoint.every_steps = 2        # checkpoints 2, 4, 5, 6, 8, 10
   return c
+
+
+# _config(0, 2) on the command line.
+TWO_SEEDS_FLAGS = ("--config=configs/quickstart.py:tiny", "--config.stages=search_phase1",
+                   "--config.seed=0", "--config.search.num_seeds=2",
+                   "--config.search_phase1.split=test", "--config.search_phase1.epochs=2",
+                   "--config.checkpoint.every_steps=2")
 
 
 def _relative(got, want):
@@ -204,3 +213,27 @@ def test_an_interrupted_run_of_two_seeds_resumes_bitwise(runs, tmp_path):
   assert resumed["seed_alphas"] == results["two"]["seed_alphas"]
   assert resumed == results["two"]
   assert _history(workdir) == _history(dirs["two"])
+
+
+@pytest.mark.slow
+def test_a_sigkilled_command_line_run_of_two_seeds_resumes_bitwise(runs, tmp_path):
+  """kill -9 after a finished checkpoint; the rerun ends as the in-process run of the
+  same config does, bitwise (as an uninterrupted command line run does too)."""
+  dirs, _ = runs
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # Holds the fixture's programs.
+  workdir = str(tmp_path / "killed")
+  ckpt_dir = os.path.join(workdir, "search_phase1", "checkpoints")
+  run = cli.Run(cache, workdir, *TWO_SEEDS_FLAGS)
+  cli.wait_for_checkpoint(run, ckpt_dir, 2)
+  run.proc.kill()
+  assert run.wait() == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, "search_phase1", "result.json"))
+  step = cli.steps(ckpt_dir)[-1]
+  assert step < 10, cli.steps(ckpt_dir)  # Killed mid-search, not after it.
+
+  output = cli.Run(cache, workdir, *TWO_SEEDS_FLAGS).finish()
+  assert f"[search_phase1] resuming from checkpoint {step} " in output
+  assert re.search(r"\[search_phase1\] compiled in [0-9.]+ s \(read from the XLA "
+                   r"compilation cache\)", output), output[-4000:]
+  assert cli.read_json(workdir, "config.json") == cli.read_json(dirs["two"], "config.json")
+  cli.assert_same_search(workdir, dirs["two"])
