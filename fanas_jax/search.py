@@ -390,15 +390,12 @@ def _end_epoch(ctx: StageContext, run: StageRun, state: Any, end: EpochEnd,
                       a_loss=f"{np.mean(a_losses):.3f}" if a_losses else "warm-up")
   entry = records[0][0] if n == 1 else dict(records[0][0], seeds=[r for r, _ in records])
   run.carry = {"history": run.carry.get("history", []) + [entry]}
-  header = dict(epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds)
-  if n == 1:
-    scalars = records[0][1]
-    written = dict(scalars["means"], **header, **scalars["rest"])
-  else:
-    written = dict(header, num_seeds=n, **{f"seeds_mean/{k}": v for k, v in stats.items()})
-    for s, (_, scalars) in enumerate(records):
-      written.update({f"seed{s}/{k}": v for k, v in scalars["rest"].items()})
-      written.update({f"seed{s}/{k}": v for k, v in scalars["means"].items()})
+  written = dict(epoch=end.epoch, mode=ctx.cfg.mode, epoch_seconds=end.seconds)
+  if n > 1:
+    written.update(num_seeds=n, **{f"seeds_mean/{k}": v for k, v in stats.items()})
+  for s, (_, scalars) in enumerate(records):
+    prefix = "" if n == 1 else f"seed{s}/"
+    written.update({prefix + k: v for k, v in {**scalars["means"], **scalars["rest"]}.items()})
   run.writer.write(int(_seed_zero(state, n).step), written)
 
 
