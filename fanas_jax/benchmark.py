@@ -258,6 +258,17 @@ def _single_op_ratios(supernets: list[dict[str, Any]],
       row["vs_single_ops"] = row["median_ms"] / row["single_op_sum_ms"]
 
 
+def _supernet(a: argparse.Namespace, size: int, impl: str,
+              ops: Sequence[str]) -> tuple[Any, Any, Any, Any, Any]:
+  """The search flags' supernet of `ops` at map side `size` under the CAR objective,
+  with its weight and alpha optimizers: (space, objective, model, w_tx, a_tx)."""
+  space, objective = SearchSpace.uniform(ops), _car_objective(size)
+  model = make_model(space.layer_ops(), a.search_width, objective.head,
+                     dtype=DTYPES[a.dtype], attention_impl=a.impls[0],
+                     supernet_impl=impl, out_channels=3)
+  return space, objective, model, optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
+
+
 def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int, impl: str,
                     ops: Sequence[str]) -> list[dict[str, Any]]:
   """One weight step of the supernet of `ops`, then a bilevel search step in each mode.
@@ -266,13 +277,9 @@ def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int, impl: str,
   on the weight batch, so about two weight steps; second order adds the virtual
   weight step and differentiates through it; Gumbel runs one sampled op per layer.
   """
-  space = SearchSpace.uniform(ops)
+  space, objective, model, w_tx, a_tx = _supernet(a, size, impl, ops)
   width, batch = a.search_width, a.search_batch * mesh.size
-  objective = _car_objective(size)
-  model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
-                     attention_impl=a.impls[0], supernet_impl=impl, out_channels=3)
   alphas = steps.init_alphas(space, jax.random.key(0), 1e-3)
-  w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
   state = parallel.replicate(steps.init_search_state(
       model, alphas, w_tx, a_tx, jax.random.key(1), (1, size, size, 3)), mesh)
   w_batch = _synthetic_batch(batch, size, 3, 10, mesh)
@@ -405,11 +412,8 @@ def _seed_run(a: argparse.Namespace, mesh: Any, n: int,
   each fed the state the last one returned."""
   size, impl = a.search_sizes[0], a.supernet_impls[0]
   mode = (a.search_modes or ["first_order"])[0]
-  space, objective = SearchSpace.uniform(ops), _car_objective(size)
+  space, objective, model, w_tx, a_tx = _supernet(a, size, impl, ops)
   width, batch = a.search_width, a.search_batch * mesh.size
-  model = make_model(space.layer_ops(), width, objective.head, dtype=DTYPES[a.dtype],
-                     attention_impl=a.impls[0], supernet_impl=impl, out_channels=3)
-  w_tx, a_tx = optax.sgd(0.025, momentum=0.9), optax.adam(3e-4, b1=0.5)
   states = [steps.init_search_state(
       model, steps.init_alphas(space, jax.random.key(2 * s), 1e-3), w_tx, a_tx,
       jax.random.key(2 * s + 1), (1, size, size, 3)) for s in range(n)]

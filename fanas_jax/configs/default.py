@@ -85,7 +85,8 @@ def search_phase(**overrides) -> ml_collections.ConfigDict:
 
 
 def _model() -> ml_collections.ConfigDict:
-  """The network: the supernet's width, stem and dtype, and where ours may differ from the authors'."""
+  """The network: the supernet's width, stem and dtype, and where ours may differ
+  from the authors'."""
   return ml_collections.ConfigDict(dict(
       width=16,               # search supernet width C
       stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
