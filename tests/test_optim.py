@@ -131,6 +131,31 @@ def test_paper_phases_keep_the_authors_alpha_lr():
     assert build.alpha_lr_scale(phase, 1) == 1.0
 
 
+def test_coupled_alpha_decay_is_normalised_like_the_gradient():
+  """Why phase 1 does not decide (README): Adam sees g + wd * alpha, so a decay term
+  as large as the gradient cancels it whatever the learning rate."""
+  cfg = default.search_phase(epochs=1)
+  alpha = jnp.asarray([2.0, -1.0])
+  for lr_scale in (1.0, 600.0):
+    tx = optim.alpha_optimizer(cfg, lr_scale)
+    state = tx.init(alpha)
+    # A gradient exactly -wd * alpha: the coupled term cancels it, alpha stays.
+    updates, _ = tx.update(-cfg.a_weight_decay * alpha, state, alpha)
+    np.testing.assert_allclose(updates, 0.0, atol=1e-12)
+    # With no gradient the decay alone, tiny as it is (2e-3), moves alpha back towards
+    # 0 by a full step: Adam's bias-corrected first step is lr * g / |g| (eps aside).
+    updates, _ = tx.update(jnp.zeros(2), state, alpha)
+    np.testing.assert_allclose(updates, -lr_scale * cfg.a_lr * np.sign(alpha), rtol=1e-4)
+
+
+def test_the_paper_and_quickstart_phases_keep_the_authors_alpha_decay():
+  from fanas_jax.configs import quickstart
+  for config in (default.get_config(), quickstart.get_config(),
+                 quickstart.get_config("tiny")):
+    assert config.search_phase1.a_weight_decay == 1e-3    # README: why phase 1 does
+    assert config.search_phase2.a_weight_decay == 1e-3    # not decide
+
+
 def test_alpha_b2_keeps_the_second_moment_horizon_a_fraction_of_the_run():
   assert optim.alpha_b2(0.5, 0.999, 1.0) == 0.999        # the recipe, bit for bit
   assert optim.alpha_b2(0.5, 0.999, 10.0) == pytest.approx(0.99)   # 1,000 -> 100 steps
