@@ -143,7 +143,7 @@ def test_coupled_alpha_decay_is_normalised_like_the_gradient():
     updates, _ = tx.update(-cfg.a_weight_decay * alpha, state, alpha)
     np.testing.assert_allclose(updates, 0.0, atol=1e-12)
     # With no gradient the decay alone, tiny as it is (1e-3 x |alpha|), moves alpha back
-    # towards 0 by a full step: Adam's bias-corrected first step is lr * g / |g| (eps aside).
+    # towards 0 by a full step: Adam's bias-corrected first step is lr * g / |g|.
     updates, _ = tx.update(jnp.zeros(2), state, alpha)
     np.testing.assert_allclose(updates, -lr_scale * cfg.a_lr * np.sign(alpha), rtol=1e-4)
 
