@@ -1,13 +1,18 @@
 """Test-session setup: repo root importable (for tests.*), data in temp dirs, and an
 XLA compilation cache kept between sessions."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# Never touch the user's ~/tensorflow_datasets; each session builds its own copy.
-os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="fanas_tfds_"))
+# Never touch the user's ~/tensorflow_datasets; each session builds its own copy, in a
+# temp dir that the process which made it (xdist's workers inherit it) removes at exit.
+if "TFDS_DATA_DIR" not in os.environ:
+  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="fanas_tfds_")
+  atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
 
 def xla_cache_dir() -> str:
@@ -20,8 +25,10 @@ def xla_cache_dir() -> str:
   so a changed program never reads a stale entry. Not the user's own cache.
   """
   path = os.environ.get("FANAS_TEST_XLA_CACHE", "")
-  if path == "fresh":
-    return tempfile.mkdtemp(prefix="fanas_xla_")
+  if path == "fresh":   # removed at exit, as the data dir
+    fresh = tempfile.mkdtemp(prefix="fanas_xla_")
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+    return fresh
   base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
   return path or os.path.join(base, "fanas_jax", "xla-tests")
 
@@ -43,7 +50,8 @@ def prune(directory: str, max_bytes: int, keep_bytes: int) -> None:
 
 # A directory the user names in JAX_COMPILATION_CACHE_DIR is used as it is, never pruned.
 PRUNE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", xla_cache_dir())
+if PRUNE:   # (xdist's workers inherit the session's directory)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = xla_cache_dir()
 # Sub-second programs too (as fanas_jax.compile_cache keeps them): every process of a
 # session initialises networks from the same few hundred tiny programs.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -12,15 +12,16 @@ SPACE = SearchSpace.uniform(CANDIDATES)
 X = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
 
 
-def perturb(variables, seed):
-  """Zero-mean noise on every weight (zero-initialised BN scales would otherwise switch
-  every residual branch off and make comparisons between ops trivial) and on the BN
-  statistics (variances stay positive)."""
+def perturb(variables, seed, scale=0.1):
+  """Zero-mean noise of std `scale` on every weight (zero-initialised BN scales would
+  otherwise switch every residual branch off and make comparisons between ops trivial)
+  and on the BN statistics (variances stay positive)."""
   def noisy(tree, seed, fn):
     leaves, treedef = jax.tree.flatten_with_path(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [
-        fn(path, a, 0.1 * jax.random.normal(k, a.shape)) for (path, a), k in zip(leaves, keys)])
+        fn(path, a, scale * jax.random.normal(k, a.shape))
+        for (path, a), k in zip(leaves, keys)])
   is_var = lambda path: jax.tree_util.keystr(path).endswith("['var']")
   return {"params": noisy(variables["params"], seed, lambda p, a, n: a + n),
           "batch_stats": noisy(variables["batch_stats"], seed + 1,

@@ -18,8 +18,9 @@ LAYER_OPS = ((CANDIDATES, ("local3_h4",), ("local5_h8",)),
              (CANDIDATES, ("local3_h4",), ("nonlocal",)),
              (("local3_h4",),) * 3, (("local3_h4",),) * 3, (("local3_h4",),) * 3)
 # Fewer candidates for the sampled-path test, which runs the same per-op branches under
-# both implementations: still a head count with mixed windows (3x3 inside 7x7), a
-# second head count, and both ops that run alone (axial, non-local).
+# both implementations, and for the second-order one: still a head count with mixed
+# windows (3x3 inside 7x7), a second head count, and both ops that run alone (axial,
+# non-local).
 FEWER = ("local3_h4", "local7_h4", "local5_h8", "axial_h4", "nonlocal")
 X = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
 N = len(CANDIDATES)
@@ -76,7 +77,12 @@ def variables():
   shapes = jax.eval_shape(stacked.init, jax.random.key(1), X, _alphas())
   assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
           == jax.tree.map(lambda a: (a.shape, a.dtype), init))
-  return perturb(init, 3)
+  # Noise of 0.02, not test_model's 0.1: at 0.1 this train-mode net over 2 images is
+  # so sensitive that float32 rounding alone puts the per-op alpha gradient 0.9-2.7e-5
+  # from its float64 value (seeds 3-5, jax 0.10.2), the bound compared at below. At
+  # 0.02 that is 0.6-1.1e-6 and the two implementations agree to 1-2e-6 on jax 0.10.2
+  # and 0.12.0.1, while every alpha gradient stays large (max 0.18-0.34).
+  return perturb(init, 3, scale=0.02)
 
 
 def _loss(model, variables, train, op_mask=None, path=None):
@@ -108,9 +114,12 @@ def test_stacked_equals_per_op_forward_and_gradients(variables, train):
     results.append(jax.jit(grad)(variables["params"], _alphas()))
   (want_loss, want_stats), want_grads = results[0]
   (got_loss, got_stats), got_grads = results[1]
+  diffs = [_rel_diff(want_grads[i], got_grads[i]) for i in (0, 1)]
+  print(f"relative difference: loss {abs(float(got_loss - want_loss) / want_loss):.2g}, "
+        f"weight gradients {diffs[0]:.2g}, alpha gradients {diffs[1]:.2g}")
   assert abs(float(got_loss - want_loss)) <= 1e-5 * abs(float(want_loss))
-  assert _rel_diff(want_grads[0], got_grads[0]) < 1e-5   # weights
-  assert _rel_diff(want_grads[1], got_grads[1]) < 1e-5   # alphas
+  assert diffs[0] < 1e-5   # weights
+  assert diffs[1] < 1e-5   # alphas
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads[1])) > 1e-4
   if not train:
     return
@@ -128,7 +137,9 @@ def test_stacked_equals_per_op_forward_and_gradients(variables, train):
 def test_stacked_equals_per_op_second_order_alpha_gradient(variables):
   """d/dalpha L(w - xi grad_w L(w, alpha), alpha): DARTS's unrolled gradient, with xi
   such that the virtual step has norm 0.01 (this perturbed net's gradients are large,
-  and a long virtual step would compare chaos with chaos)."""
+  and a long virtual step would compare chaos with chaos). FEWER candidates (every
+  kind of group the stacked layer forms) keep the compile of the double pass short."""
+  layer_ops, variables, alphas = _fewer(variables)
   def unrolled(model):
     loss = _loss(model, variables, True)
     def outer(alphas):
@@ -136,11 +147,11 @@ def test_stacked_equals_per_op_second_order_alpha_gradient(variables):
       xi = 0.01 / jax.lax.stop_gradient(optax.tree.norm(grads))
       virtual = jax.tree.map(lambda w, g: w - xi * g, variables["params"], grads)
       return loss(virtual, alphas)[0]
-    return jax.jit(jax.grad(outer))(_alphas())
-  want, got = (unrolled(m) for m in _models())
-  # Differentiating through the virtual step doubles the rounding that training-mode
-  # batch norms amplify (1.6e-5 measured), so this one compares at 5e-5.
-  assert _rel_diff(want, got) < 5e-5
+    return jax.jit(jax.grad(outer))(alphas)
+  want, got = (unrolled(m) for m in _models(layer_ops))
+  diff = _rel_diff(want, got)
+  print(f"relative difference of the second-order alpha gradients: {diff:.2g}")
+  assert diff < 1e-5   # 4.7e-6 on jax 0.10.2, 2.7e-6 on 0.12.0.1
 
 
 def test_sampled_path_is_the_same_under_both_implementations(variables):
