@@ -64,3 +64,6 @@ def pytest_configure(config):
     prune(os.environ["JAX_COMPILATION_CACHE_DIR"], 4 << 30, 2 << 30)
   config.addinivalue_line(
       "markers", "slow: runs pipeline stages or subprocesses (minutes on a CPU)")
+  if os.environ.get("FANAS_TEST_COMPILE_REPORT"):  # where each test's compile time goes
+    from tests.compile_report import Report
+    config.pluginmanager.register(Report(os.environ["FANAS_TEST_COMPILE_REPORT"]))
