@@ -2,8 +2,8 @@
 compiling with XLA, in this process (a test's subprocesses are not counted; their time
 is in --durations). Module fixtures count for the test that first needs them.
 
-Every process of the session (each xdist worker) appends one JSON line per test to
-FILE; the session's summary prints the tests that spend most, and the totals.
+FILE starts empty each session; every process of it (each xdist worker) appends one
+JSON line per test; the session's summary prints the tests that spend most, and the totals.
 """
 import collections
 import json
@@ -29,7 +29,10 @@ def _union_seconds(spans: list[tuple[float, float]]) -> float:
 class Report:
   """A pytest plugin: jax's compile spans, grouped by the test that ran them."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, first: bool):
+    """first: the session's first process (before xdist's workers) empties FILE."""
+    if first:
+      open(path, "w").close()
     self.path, self.test = path, "(collection)"
     self.spans: dict[tuple[str, str], list] = collections.defaultdict(list)
     jax.monitoring.register_event_time_span_listener(self._span)

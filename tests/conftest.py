@@ -8,11 +8,19 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# Never touch the user's ~/tensorflow_datasets; each session builds its own copy, in a
-# temp dir that the process which made it (xdist's workers inherit it) removes at exit.
+
+
+def temp_dir(prefix: str) -> str:
+  """A new temp dir that this process (the one that made it) removes at exit."""
+  path = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+# Never touch the user's ~/tensorflow_datasets; each session builds its own copy (xdist's
+# workers inherit it).
 if "TFDS_DATA_DIR" not in os.environ:
-  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="fanas_tfds_")
-  atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+  os.environ["TFDS_DATA_DIR"] = temp_dir("fanas_tfds_")
 
 
 def xla_cache_dir() -> str:
@@ -25,10 +33,8 @@ def xla_cache_dir() -> str:
   so a changed program never reads a stale entry. Not the user's own cache.
   """
   path = os.environ.get("FANAS_TEST_XLA_CACHE", "")
-  if path == "fresh":   # removed at exit, as the data dir
-    fresh = tempfile.mkdtemp(prefix="fanas_xla_")
-    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
-    return fresh
+  if path == "fresh":
+    return temp_dir("fanas_xla_")
   base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
   return path or os.path.join(base, "fanas_jax", "xla-tests")
 
@@ -66,4 +72,5 @@ def pytest_configure(config):
       "markers", "slow: runs pipeline stages or subprocesses (minutes on a CPU)")
   if os.environ.get("FANAS_TEST_COMPILE_REPORT"):  # where each test's compile time goes
     from tests.compile_report import Report
-    config.pluginmanager.register(Report(os.environ["FANAS_TEST_COMPILE_REPORT"]))
+    config.pluginmanager.register(Report(os.environ["FANAS_TEST_COMPILE_REPORT"],
+                                         first=not hasattr(config, "workerinput")))
