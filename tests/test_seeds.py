@@ -184,9 +184,14 @@ def test_each_seed_of_a_run_is_the_single_search_with_that_seed(runs):
   for s in range(2):
     one = results[s]
     # Rounding: the vmapped step's kernels round unlike the single step's (about 1e-6
-    # relative at step 1, test above); 10 steps at alpha lr 0.3 grow that to about
-    # 1e-4. Another seed's search is O(1) away (asserted below).
-    assert _relative(two["seed_alphas"][s], one["alphas"]) < 2e-3
+    # relative at step 1, test above), and kinks that rounding flips move a single
+    # step's weight gradients by up to 2.2e-3 (the floor measured above). Over the 10
+    # steps at alpha lr 0.3 seed 0 ends 3.4e-5 (jax 0.10.2) / 7.1e-5 (0.12) away and
+    # seed 1 8.5e-4 / 2.9e-3. Another seed's search is more than 0.1 away (asserted
+    # below), so 1e-2 still tells one seed from another.
+    print(f"seed {s}: alphas {_relative(two['seed_alphas'][s], one['alphas']):.2e} "
+          "from the single search's")
+    assert _relative(two["seed_alphas"][s], one["alphas"]) < 1e-2
     assert two["seed_genotypes"][s] == one["genotype"]
     assert two["seed_epochs"][s] == one["epoch"]
     for got, want in zip([h["seeds"][s] for h in _history(dirs["two"])],
@@ -195,7 +200,7 @@ def test_each_seed_of_a_run_is_the_single_search_with_that_seed(runs):
       np.testing.assert_allclose(got["a_loss"], want["a_loss"], rtol=1e-3)
   assert _relative(results[0]["alphas"], results[1]["alphas"]) > 0.1
   # Seed 0's keys are the single-seed result's, as near.
-  assert _relative(two["alphas"], results[0]["alphas"]) < 2e-3
+  assert _relative(two["alphas"], results[0]["alphas"]) < 1e-2
   assert two["genotype"] == results[0]["genotype"]
 
 
