@@ -189,9 +189,9 @@ def test_each_seed_of_a_run_is_the_single_search_with_that_seed(runs):
     # steps at alpha lr 0.3 seed 0 ends 3.4e-5 (jax 0.10.2) / 7.1e-5 (0.12) away and
     # seed 1 8.5e-4 / 2.9e-3. Another seed's search is more than 0.1 away (asserted
     # below), so 1e-2 still tells one seed from another.
-    print(f"seed {s}: alphas {_relative(two['seed_alphas'][s], one['alphas']):.2e} "
-          "from the single search's")
-    assert _relative(two["seed_alphas"][s], one["alphas"]) < 1e-2
+    distance = _relative(two["seed_alphas"][s], one["alphas"])
+    print(f"seed {s}: alphas {distance:.2e} from the single search's")
+    assert distance < 1e-2
     assert two["seed_genotypes"][s] == one["genotype"]
     assert two["seed_epochs"][s] == one["epoch"]
     for got, want in zip([h["seeds"][s] for h in _history(dirs["two"])],
