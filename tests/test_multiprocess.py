@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,19 +26,46 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _popen(args: list[str], log: str, **env: str) -> tuple[subprocess.Popen, str]:
+  """A process whose output goes to the file `log`, not to a pipe: no process can block
+  on a full pipe while the test waits on another, and every log stays readable."""
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env),
+                            stdout=f, stderr=subprocess.STDOUT), log
+
+
 def _launch(out_dir, process_id: int, num_processes: int, devices: int, address: str = "",
             late_s: float = 0):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", LATE_S=str(late_s),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen(
-      [sys.executable, "-m", "tests.multiprocess_search", str(out_dir), str(process_id),
-       str(num_processes), address],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return _popen(["-m", "tests.multiprocess_search", str(out_dir), str(process_id),
+                 str(num_processes), address], f"{out_dir}.{process_id}.log",
+                JAX_PLATFORMS="cpu", LATE_S=str(late_s),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _finish(proc) -> None:
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-4000:]
+def _shorten(log: str, keep: int = 12000) -> str:
+  """The start and the end of a long log: a process that fails early and then waits
+  out jax's shutdown barrier prints its own error first and the barrier's last."""
+  if len(log) <= 2 * keep:
+    return log
+  return f"{log[:keep]}\n[... {len(log) - 2 * keep} characters ...]\n{log[-keep:]}"
+
+
+def _finish(procs: list[tuple[subprocess.Popen, str]], timeout_s: float = 900) -> list[str]:
+  """Waits for every process (killing those still there after `timeout_s`), then fails
+  with the log of each one that failed."""
+  deadline, outputs = time.monotonic() + timeout_s, []
+  for proc, log in procs:
+    try:
+      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()       # e.g. waiting at a barrier for a peer that failed
+      proc.wait()
+    with open(log) as f:
+      outputs.append(f.read())
+  failed = [f"--- process {i} (exit {proc.returncode}) ---\n{_shorten(out)}"
+            for i, ((proc, _), out) in enumerate(zip(procs, outputs)) if proc.returncode]
+  assert not failed, "\n".join(failed)
+  return outputs
 
 
 @pytest.mark.slow
@@ -50,8 +78,7 @@ def test_two_processes_equal_one_process_of_four_devices(tmp_path):
   address = f"localhost:{_free_port()}"
   procs = [_launch(multi, i, 2, devices=2, address=address, late_s=40) for i in range(2)]
   procs.append(_launch(single, 0, 1, devices=4))
-  for proc in procs:
-    _finish(proc)
+  _finish(procs)
   p0, p1 = (np.load(multi / f"process{i}.npz") for i in range(2))
   one = np.load(single / "process0.npz")
   assert int(p0["process_count"]) == 2 and int(p0["device_count"]) == 4
@@ -72,17 +99,15 @@ def test_two_processes_equal_one_process_of_four_devices(tmp_path):
   assert not np.array_equal(p0["alphas0/stage1"], p0[f"alphas{STEPS - 1}/stage1"])
 
 
-def _cli(workdir, devices: int, *flags: str):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen(
-      [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
+def _cli(workdir, log: str, devices: int, *flags: str):
+  return _popen(
+      ["-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
        f"--workdir={workdir}", "--config.stages=search_phase1",
        "--config.search.candidates=('local3_h4','nonlocal')",
        "--config.search_phase1.split=test",
        "--config.search_phase1.alpha_reference_steps=0",  # a_lr as given: see a_lr below
-       *flags],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       *flags], log,
+      JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _lines(path) -> list[dict]:
@@ -96,14 +121,11 @@ def test_the_command_line_runs_a_search_phase_over_two_processes(tmp_path):
   alphas of 1 process x 4 devices; process 0 alone writes the logs and results."""
   multi, single = tmp_path / "multi", tmp_path / "single"
   address = f"localhost:{_free_port()}"
-  procs = [_cli(multi, 2, "--distributed=on", f"--coordinator_address={address}",
-                "--num_processes=2", f"--process_id={i}") for i in range(2)]
-  procs.append(_cli(single, 4, "--distributed=off"))
-  outputs = []
-  for proc in procs:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-    outputs.append(out)
+  procs = [_cli(multi, f"{multi}.{i}.log", 2, "--distributed=on",
+                f"--coordinator_address={address}", "--num_processes=2",
+                f"--process_id={i}") for i in range(2)]
+  procs.append(_cli(single, f"{single}.log", 4, "--distributed=off"))
+  outputs = _finish(procs)
   assert "4 cpu device(s), 2 process(es)" in outputs[0]
   assert "16/process x 2 processes" in outputs[0]
 
