@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fanas_jax.configs import quickstart
+from fanas_jax.configs import default
 from fanas_jax.genotype import Genotype, DeriveLimits
 from tests.conftest import ROOT
 
@@ -40,7 +40,8 @@ def test_pipeline_writes_every_output(finished_run):
 
   record = json.load(open(os.path.join(workdir, "genotype.json")))
   genotype = Genotype.from_dict(record["genotype"])
-  assert all(op in quickstart.TINY_CANDIDATES for ops in genotype.stages for op in ops)
+  assert all(op in default.TINY_CANDIDATES[s] for s, ops in enumerate(genotype.stages)
+             for op in ops)
   assert sum(len(ops) for ops in genotype.stages) == 15
   genotype.check_limits(DeriveLimits(1, 1))
   assert record["rule"] == "constrained" and record["from_stage"] == "search_phase2"
@@ -60,8 +61,10 @@ def test_pipeline_writes_every_output(finished_run):
   stages = {json.loads(l)["stage"] for l in open(os.path.join(workdir, "metrics.jsonl"))}
   search = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
             if '"search_phase1"' in l]
-  probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in quickstart.TINY_CANDIDATES]
-  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage5/layer3"] <= np.log(2)
+  probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in default.TINY_CANDIDATES[0]]
+  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage1/layer3"] <= np.log(2)
+  # A one-op layer is decided from the start: entropy 0, top-op probability 1.
+  assert search[-1]["entropy/stage5/layer3"] == 0 and search[-1]["top_prob/stage5/layer3"] == 1
   # How decided: the logged top-op probability and margin are those of the logged mixture.
   top2 = sorted(probs)[-2:]
   assert abs(search[-1]["top_prob/stage1/layer1"] - top2[1]) < 1e-6

@@ -28,7 +28,6 @@ SEARCH_STEPS_PER_EPOCH = 5   # 179 images per half of the test split, batch 32
 TRAIN_STEPS_PER_EPOCH = 6    # 359 images, batch 56
 EPOCHS = 3
 CONFIG = ("--config=configs/quickstart.py:tiny",
-          "--config.search.candidates=('local3_h4','nonlocal')",
           "--config.search_phase1.split=test", f"--config.search_phase1.epochs={EPOCHS}",
           "--config.train.split=test", f"--config.train.epochs={EPOCHS}",
           "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=2",

@@ -103,7 +103,6 @@ def _cli(workdir, log: str, devices: int, *flags: str):
   return _popen(
       ["-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
        f"--workdir={workdir}", "--config.stages=search_phase1",
-       "--config.search.candidates=('local3_h4','nonlocal')",
        "--config.search_phase1.split=test",
        "--config.search_phase1.alpha_reference_steps=0",  # a_lr as given: see a_lr below
        *flags], log,

@@ -13,7 +13,7 @@ import pytest
 
 from fanas_jax import config_checks, experiment, optim, search
 from fanas_jax.configs import default, quickstart
-from fanas_jax.genotype import SearchSpace
+from fanas_jax.genotype import search_space_from_config
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.registry import ConfigError
@@ -26,7 +26,7 @@ SEED_KEYS = ("num_seeds", "seed_alphas", "seed_genotypes", "seed_epochs")
 
 
 def _config(seed=0, num_seeds=1):
-  c = quickstart.get_config("tiny")   # 2 candidates
+  c = quickstart.get_config("tiny")   # default.TINY_CANDIDATES
   c.stages = "search_phase1"
   c.seed = seed
   c.search.num_seeds = num_seeds
@@ -91,7 +91,7 @@ def test_phase2_takes_each_seeds_phase1_alphas_and_refuses_another_seed_count():
 @pytest.mark.slow
 def test_vmapped_step_gives_each_seed_its_single_step():
   """From the same states, batches and keys: one vmapped step against each seed's own."""
-  space = SearchSpace.uniform(quickstart.TINY_CANDIDATES)
+  space = search_space_from_config(default.TINY_CANDIDATES)
   cfg = default.search_phase(objective="car", box_size=2, a_lr=0.05)
   objective = make_objective("car", ml_collections.ConfigDict(
       dict(image_size=8, num_boxes=4, box_size=2)))

@@ -8,6 +8,11 @@ import ml_collections
 from fanas_jax.ops.layers import ORIGINAL_OPS
 
 STAGES = "search_phase1,search_phase2,derive,train,retrieval"
+# The tiny variants' search space (quickstart.py:tiny, paper/cifar_search.py:tiny). Its
+# compile time grows with the bottlenecks it traces, so only stage 1 mixes two
+# candidates (6 bottlenecks) and stages 2-5 hold one op each (12): 18, against 30 with
+# both candidates in every stage.
+TINY_CANDIDATES = (("local3_h4", "nonlocal"),) + (("local3_h4",),) * 4
 
 
 def evals(**entries) -> ml_collections.ConfigDict:
