@@ -24,17 +24,14 @@ class Run:
 
   def __init__(self, cache_dir, workdir, *flags, module="fanas_jax.main", **extra_env):
     self.log = f"{workdir}.{len(glob.glob(workdir + '.*.log'))}.log"
-    self._file = open(self.log, "w")
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", module, *flags, f"--workdir={workdir}"],
-        cwd=ROOT, stdout=self._file, stderr=subprocess.STDOUT, text=True,
-        env=env(cache_dir, **extra_env))
+    with open(self.log, "w") as f:   # the process holds its own copy of the file
+      self.proc = subprocess.Popen(
+          [sys.executable, "-m", module, *flags, f"--workdir={workdir}"],
+          cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+          env=env(cache_dir, **extra_env))
 
   def wait(self, timeout=600):
-    try:
-      return self.proc.wait(timeout)
-    finally:
-      self._file.close()
+    return self.proc.wait(timeout)
 
   @property
   def output(self):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import cli
 from tests.multiprocess_search import STEPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +28,8 @@ def _free_port() -> int:
 
 
 def _popen(args: list[str], log: str, **env: str) -> tuple[subprocess.Popen, str]:
-  """A process whose output goes to the file `log`, not to a pipe: no process can block
-  on a full pipe while the test waits on another, and every log stays readable."""
+  """A process whose output goes to the file `log`, not to a pipe (as tests/cli.Run's):
+  no process can block on a full pipe while the test waits on another."""
   with open(log, "w") as f:
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env),
                             stdout=f, stderr=subprocess.STDOUT), log
@@ -99,14 +100,18 @@ def test_two_processes_equal_one_process_of_four_devices(tmp_path):
   assert not np.array_equal(p0["alphas0/stage1"], p0[f"alphas{STEPS - 1}/stage1"])
 
 
-def _cli(workdir, log: str, devices: int, *flags: str):
-  return _popen(
-      ["-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
-       f"--workdir={workdir}", "--config.stages=search_phase1",
-       "--config.search_phase1.split=test",
-       "--config.search_phase1.alpha_reference_steps=0",  # a_lr as given: see a_lr below
-       *flags], log,
-      JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def _cli(workdir, devices: int, *flags: str) -> tuple[subprocess.Popen, str]:
+  """`python -m fanas_jax.main` on `devices` CPU devices, its log beside workdir."""
+  run = cli.Run(os.environ["JAX_COMPILATION_CACHE_DIR"], str(workdir),
+                "--config=configs/quickstart.py:tiny", "--config.stages=search_phase1",
+                "--config.search_phase1.split=test",
+                "--config.search_phase1.alpha_reference_steps=0",  # a_lr as given: see below
+                # Both ops in every stage: with stage 1 alone mixed, a_grad_norm is
+                # 5.5e-5 and gloo's rounding moves it by 1.8e-6 relative (bound 1e-6).
+                "--config.search.candidates=('local3_h4','nonlocal')",
+                *flags, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return run.proc, run.log
 
 
 def _lines(path) -> list[dict]:
@@ -120,10 +125,9 @@ def test_the_command_line_runs_a_search_phase_over_two_processes(tmp_path):
   alphas of 1 process x 4 devices; process 0 alone writes the logs and results."""
   multi, single = tmp_path / "multi", tmp_path / "single"
   address = f"localhost:{_free_port()}"
-  procs = [_cli(multi, f"{multi}.{i}.log", 2, "--distributed=on",
-                f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}") for i in range(2)]
-  procs.append(_cli(single, f"{single}.log", 4, "--distributed=off"))
+  procs = [_cli(multi, 2, "--distributed=on", f"--coordinator_address={address}",
+                "--num_processes=2", f"--process_id={i}") for i in range(2)]
+  procs.append(_cli(single, 4, "--distributed=off"))
   outputs = _finish(procs)
   assert "4 cpu device(s), 2 process(es)" in outputs[0]
   assert "16/process x 2 processes" in outputs[0]

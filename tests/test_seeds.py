@@ -13,7 +13,7 @@ import pytest
 
 from fanas_jax import config_checks, experiment, optim, search
 from fanas_jax.configs import default, quickstart
-from fanas_jax.genotype import search_space_from_config
+from fanas_jax.genotype import SearchSpace
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.registry import ConfigError
@@ -91,7 +91,10 @@ def test_phase2_takes_each_seeds_phase1_alphas_and_refuses_another_seed_count():
 @pytest.mark.slow
 def test_vmapped_step_gives_each_seed_its_single_step():
   """From the same states, batches and keys: one vmapped step against each seed's own."""
-  space = search_space_from_config(default.TINY_CANDIDATES)
+  # Both ops in every stage: with default.TINY_CANDIDATES (stage 1 mixed) an L1 kink
+  # of seed 1 flips under the rounding below, and the single step's own a_loss moves
+  # by 2.3e-5, past the 1e-5 bound on losses (measured on jax 0.10.2).
+  space = SearchSpace.uniform(("local3_h4", "nonlocal"))
   cfg = default.search_phase(objective="car", box_size=2, a_lr=0.05)
   objective = make_objective("car", ml_collections.ConfigDict(
       dict(image_size=8, num_boxes=4, box_size=2)))
