@@ -109,33 +109,15 @@ def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTra
   lax.cond on the step counter, so one compiled program): alpha and its optimizer
   state stay as they are while the weights train.
   """
-  if mode not in SEARCH_MODES:
-    raise ValueError(f"Unknown search mode {mode!r}; valid choices: "
-                     f"{', '.join(SEARCH_MODES)}.")
-  if (mode == "gumbel") != (tau_schedule is not None):
-    raise ValueError("tau_schedule is the gumbel mode's temperature; give it in that "
-                     "mode only.")
+  _check_search_mode(mode, tau_schedule)
   loss_fn = make_loss_fn(model, objective, sample_path=mode == "gumbel")
   weight_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
-  arch_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-
-  def unrolled_loss(alphas, state, w_batch, a_batch, k_arch, k_weight):
-    """L_arch at the weights one virtual weight step ahead, as a function of alpha."""
-    _, grads = weight_grad(state.params, alphas, state.batch_stats, w_batch, k_weight)
-    updates, _ = w_tx.update(grads, state.w_opt_state, state.params)
-    virtual = optax.apply_updates(state.params, updates)
-    return loss_fn(virtual, alphas, state.batch_stats, a_batch, k_arch)
-
-  unrolled_grad = jax.value_and_grad(unrolled_loss, has_aux=True)
+  alpha_grad = _alpha_grad(mode, loss_fn, weight_grad, w_tx)
 
   def alpha_pass(state, w_batch, a_batch, k_arch, k_weight, tau):
     """-> (alphas, alpha optimizer state, (loss, metrics), gradients) after one step."""
-    if mode == "second_order":
-      (a_loss, (a_metrics, _)), a_grads = unrolled_grad(
-          state.alphas, state, w_batch, a_batch, k_arch, k_weight)
-    else:
-      (a_loss, (a_metrics, _)), a_grads = arch_grad(
-          state.params, state.alphas, state.batch_stats, a_batch, k_arch, tau)
+    (a_loss, (a_metrics, _)), a_grads = alpha_grad(state, w_batch, a_batch, k_arch,
+                                                   k_weight, tau)
     a_updates, a_opt_state = a_tx.update(a_grads, state.a_opt_state, state.alphas)
     alphas = optax.apply_updates(state.alphas, a_updates)
     return alphas, a_opt_state, (a_loss, a_metrics), a_grads
@@ -165,17 +147,46 @@ def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTra
     metrics = {"w_loss": w_loss, "a_loss": a_loss,
                "w_grad_norm": optax.tree.norm(w_grads),
                "a_grad_norm": optax.tree.norm(a_grads),
-               "alpha_updated": update_alpha.astype(jnp.float32)}
-    metrics.update({f"w_{k}": v for k, v in w_metrics.items()})
-    metrics.update({f"a_{k}": v for k, v in a_metrics.items()})
-    if tau is not None:
-      metrics["tau"] = tau
+               "alpha_updated": update_alpha.astype(jnp.float32),
+               **{f"w_{k}": v for k, v in w_metrics.items()},
+               **{f"a_{k}": v for k, v in a_metrics.items()},
+               **({} if tau is None else {"tau": tau})}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               alphas=alphas, w_opt_state=w_opt_state,
                               a_opt_state=a_opt_state)
     return new_state, metrics
 
   return step
+
+
+def _check_search_mode(mode: str, tau_schedule: optax.Schedule | None) -> None:
+  if mode not in SEARCH_MODES:
+    raise ValueError(f"Unknown search mode {mode!r}; valid choices: "
+                     f"{', '.join(SEARCH_MODES)}.")
+  if (mode == "gumbel") != (tau_schedule is not None):
+    raise ValueError("tau_schedule is the gumbel mode's temperature; give it in that "
+                     "mode only.")
+
+
+def _alpha_grad(mode: str, loss_fn: Callable, weight_grad: Callable,
+                w_tx: optax.GradientTransformation) -> Callable:
+  """(state, w_batch, a_batch, k_arch, k_weight, tau) -> ((L_arch, aux), d L_arch /
+  d alpha): at the current weights, or (second_order) one virtual weight step ahead."""
+  if mode != "second_order":
+    arch_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    return lambda state, w_batch, a_batch, k_arch, k_weight, tau: arch_grad(
+        state.params, state.alphas, state.batch_stats, a_batch, k_arch, tau)
+
+  def unrolled_loss(alphas, state, w_batch, a_batch, k_arch, k_weight):
+    """L_arch at the weights one virtual weight step ahead, as a function of alpha."""
+    _, grads = weight_grad(state.params, alphas, state.batch_stats, w_batch, k_weight)
+    updates, _ = w_tx.update(grads, state.w_opt_state, state.params)
+    virtual = optax.apply_updates(state.params, updates)
+    return loss_fn(virtual, alphas, state.batch_stats, a_batch, k_arch)
+
+  unrolled_grad = jax.value_and_grad(unrolled_loss, has_aux=True)
+  return lambda state, w_batch, a_batch, k_arch, k_weight, tau: unrolled_grad(
+      state.alphas, state, w_batch, a_batch, k_arch, k_weight)
 
 
 @flax.struct.dataclass
