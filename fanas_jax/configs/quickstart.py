@@ -9,7 +9,6 @@ supervised stages train without horizontal flips.
 from fanas_jax.configs import default
 
 
-
 def get_config(arg: str | None = None):
   c = default.get_config()
   c.image_size = 8             # the digits' native resolution
