@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -113,7 +115,34 @@ def check_batch_size(batch_size: int, key: str, num_devices: int = 0) -> None:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` (host values or single-device arrays) as arrays replicated on `mesh`.
+
+  Over several processes every process must pass the same values. The processes
+  first meet (building the tree, e.g. a supernet's init, can take them unequal
+  time), then check that once, on a fingerprint of the whole tree, and each places
+  its own copy on its devices. (jax 0.12's `jax.device_put` checks every leaf with
+  its own collective, each of which Gloo gives up on when a peer is 30 s late.)
+  """
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  host = jax.tree.map(np.asarray, tree)
+  wait_for_processes("replicate")
+  multihost_utils.assert_equal(
+      fingerprint(host), "the tree to replicate differs between processes")
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+      host)
+
+
+def fingerprint(tree: Any) -> np.uint32:
+  """A CRC-32 of a tree's leaves: each one's path, dtype, shape and bytes."""
+  crc = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.asarray(x)
+    crc = zlib.crc32(f"{jax.tree_util.keystr(path)} {x.dtype}{x.shape}".encode(), crc)
+    crc = zlib.crc32(x.tobytes(), crc)
+  return np.uint32(crc)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh,

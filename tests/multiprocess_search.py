@@ -68,6 +68,10 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
   step = compile_step(step, "multiprocess", state, *example, key)
 
   out = {"process_count": jax.process_count(), "device_count": jax.device_count()}
+  try:
+    parallel.replicate({"x": np.float32(jax.process_index())}, mesh)
+  except AssertionError as error:   # differs between processes (one process: never)
+    out["replicate_error"] = str(error)
   for i in range(STEPS):
     w_batch, a_batch = next(w_iter), next(a_iter)
     out[f"w_index{i}"], out[f"a_index{i}"] = w_batch["index"], a_batch["index"]

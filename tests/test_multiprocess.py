@@ -84,6 +84,8 @@ def test_two_processes_equal_one_process_of_four_devices(tmp_path):
   one = np.load(single / "process0.npz")
   assert int(p0["process_count"]) == 2 and int(p0["device_count"]) == 4
   assert int(one["process_count"]) == 1 and int(one["device_count"]) == 4
+  for p in (p0, p1):   # values that differ between processes are not replicated
+    assert "differs between processes" in str(p["replicate_error"])
 
   for i in range(STEPS):
     for half in ("w", "a"):

@@ -170,3 +170,23 @@ def test_distributed_start_is_opt_in(monkeypatch):
                    dict(coordinator_address=None, num_processes=None, process_id=None)]
   with pytest.raises(ValueError, match="distributed='maybe' is not one of: auto, on, off"):
     parallel.initialize_distributed("maybe")
+
+
+def test_fingerprint_sees_every_value_dtype_shape_and_name():
+  """What `replicate` compares between processes: any changed leaf changes it."""
+  from fanas_jax import parallel
+  a = np.arange(6, dtype=np.float32).reshape(2, 3)
+  last_bit = a.copy()
+  last_bit[1, 2] = np.nextafter(a[1, 2], np.float32(9))
+  tree = {"a": a, "b": [np.int32(7)]}
+  changed = [
+      {"a": a, "b": [np.int32(8)]},                  # a value
+      {"a": last_bit, "b": [np.int32(7)]},           # one bit of one element
+      {"a": a.astype(np.int32), "b": [np.int32(7)]},  # a dtype
+      {"a": a.reshape(3, 2), "b": [np.int32(7)]},     # a shape
+      {"c": a, "b": [np.int32(7)]},                  # a name
+      {"a": a, "b": [np.int32(7), np.int32(0)]},      # a leaf more
+  ]
+  assert parallel.fingerprint(tree) == parallel.fingerprint(
+      {"a": a.copy(), "b": [np.int32(7)]})
+  assert len({int(parallel.fingerprint(t)) for t in [tree, *changed]}) == 1 + len(changed)
