@@ -1,9 +1,9 @@
 """The whole pipeline in minutes on a laptop CPU, on the embedded digits dataset.
 
-Only width, resolution, epochs, box and patch sizes shrink, and alpha's learning rate
-grows as its steps shrink; the search space (7 ops, 5x3 layers), objectives, bilevel
-step and derive rule are the paper's. Digits are not mirror-symmetric, so the
-supervised stages train without horizontal flips.
+Only width, resolution, epochs, box and patch sizes shrink, alpha's learning rate
+grows as its steps shrink, and phase 1's alpha has no weight decay; the search space
+(7 ops, 5x3 layers), objectives, bilevel step and derive rule are the paper's. Digits
+are not mirror-symmetric, so the supervised stages train without horizontal flips.
 `configs/quickstart.py:tiny` is the seconds-long variant the end-to-end test runs.
 """
 from fanas_jax.configs import default
@@ -25,6 +25,11 @@ def get_config(arg: str | None = None):
   c.search_phase1.alpha_reference_steps = 39_580
   c.search_phase2.alpha_reference_steps = 390_500
   c.search_phase2.alpha_lr_scale_max = 10_000.0
+  # The third: no weight decay on phase 1's alpha. The authors' decay is coupled
+  # (added to the gradient before Adam normalises it), so it cancels CAR's small
+  # alpha gradient whatever the learning rate: phase 1 then ends 0.8% below uniform
+  # entropy, and 72.1% without it (README, "Why phase 1 does not decide").
+  c.search_phase1.a_weight_decay = 0.0
   c.search_phase1.resize = "stretch"   # 8x8 digits: no shorter-side-40 + centre-32 recipe
   c.search_phase1.resize_size = 0
   c.search_phase1.box_size = 2
