@@ -18,10 +18,9 @@
 # # fanas_jax quickstart: search, derive, train and retrieve on the embedded digits
 #
 # **Runtime:** a CPU runtime is enough (Runtime > Change runtime type > CPU); a GPU
-# or TPU runtime also works. **Time:** about 5 minutes to install, then tens of
-# minutes on a 2-core CPU (36 on a busy one: README, "Results of the quickstart"),
-# most of it compiling the two search steps; a rerun reads them from the compilation
-# cache.
+# or TPU runtime also works. **Time:** about a minute to install, then about 20
+# minutes on a 2-core CPU (README, "Results of the quickstart"), half of it
+# compiling the two search steps; a rerun reads them from the compilation cache.
 # No download: the 1,797 8x8 digits ship inside scikit-learn.
 #
 # The whole pipeline of `configs/quickstart.py`: a self-supervised search (context
