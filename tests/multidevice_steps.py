@@ -104,8 +104,14 @@ def _run(case: str, num_devices: int) -> dict[str, np.ndarray]:
     inputs = lambda i: (shard(w_batches[i]), key)
   else:
     cfg = config.search_phase1
-    # One step per "epoch" over 10: the per-step cosine from 0.025 to 0.001.
-    cfg.update(dict(epochs=10, w_lr_min=0.001))
+    # One step per "epoch" over 10: the per-step cosine from 0.025 to 0.001. The
+    # authors' alpha decay (the quickstart has none): behind zero-initialised residual
+    # branches alpha's gradients are tiny in the first steps (0 at the first: every
+    # branch outputs 0), and Adam scales a tiny gradient, its rounding included, up to
+    # a step of about a_lr. Without the decay the two meshes' alphas then differ by
+    # their all-reduces' rounding scaled up (1.2e-4 and 8.3e-4 relative in stage 5);
+    # with it, 1e-3 x alpha outweighs that rounding.
+    cfg.update(dict(epochs=10, w_lr_min=0.001, a_weight_decay=1e-3))
     w_tx = optim.search_weight_optimizer(cfg, steps_per_epoch=1)
     a_tx = optim.alpha_optimizer(cfg)
     if mode == "second_order":

@@ -132,8 +132,8 @@ def test_paper_phases_keep_the_authors_alpha_lr():
 
 
 def test_coupled_alpha_decay_is_normalised_like_the_gradient():
-  """Why phase 1 does not decide (README): Adam sees g + wd * alpha, so a decay term
-  as large as the gradient cancels it whatever the learning rate."""
+  """Why the authors' decay stops a short search (README): Adam sees g + wd * alpha,
+  so a decay term as large as the gradient cancels it whatever the learning rate."""
   cfg = default.search_phase(epochs=1)
   alpha = jnp.asarray([2.0, -1.0])
   for lr_scale in (1.0, 600.0):
