@@ -128,6 +128,14 @@ def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTra
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
     return state.alphas, state.a_opt_state, *zeros
 
+  def weight_pass(state, alphas, w_batch, k_weight, tau):
+    """-> (params, weight optimizer state, batch stats, (loss, metrics), gradients)."""
+    (w_loss, (w_metrics, batch_stats)), w_grads = weight_grad(
+        state.params, alphas, state.batch_stats, w_batch, k_weight, tau)
+    w_updates, w_opt_state = w_tx.update(w_grads, state.w_opt_state, state.params)
+    params = optax.apply_updates(state.params, w_updates)
+    return params, w_opt_state, batch_stats, (w_loss, w_metrics), w_grads
+
   def step(state: SearchState, w_batch, a_batch, key):
     k_arch, k_weight = jax.random.split(jax.random.fold_in(key, state.step))
     tau = None if tau_schedule is None else jnp.asarray(tau_schedule(state.step),
@@ -135,28 +143,31 @@ def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTra
     args = (state, w_batch, a_batch, k_arch, k_weight, tau)
     if warmup_steps:
       update_alpha = state.step >= warmup_steps
-      alphas, a_opt_state, (a_loss, a_metrics), a_grads = jax.lax.cond(
+      alphas, a_opt_state, a_out, a_grads = jax.lax.cond(
           update_alpha, alpha_pass, warmup_pass, *args)
     else:
       update_alpha = jnp.ones((), bool)
-      alphas, a_opt_state, (a_loss, a_metrics), a_grads = alpha_pass(*args)
-    (w_loss, (w_metrics, batch_stats)), w_grads = weight_grad(
-        state.params, alphas, state.batch_stats, w_batch, k_weight, tau)
-    w_updates, w_opt_state = w_tx.update(w_grads, state.w_opt_state, state.params)
-    params = optax.apply_updates(state.params, w_updates)
-    metrics = {"w_loss": w_loss, "a_loss": a_loss,
-               "w_grad_norm": optax.tree.norm(w_grads),
-               "a_grad_norm": optax.tree.norm(a_grads),
-               "alpha_updated": update_alpha.astype(jnp.float32),
-               **{f"w_{k}": v for k, v in w_metrics.items()},
-               **{f"a_{k}": v for k, v in a_metrics.items()},
-               **({} if tau is None else {"tau": tau})}
+      alphas, a_opt_state, a_out, a_grads = alpha_pass(*args)
+    params, w_opt_state, batch_stats, w_out, w_grads = weight_pass(
+        state, alphas, w_batch, k_weight, tau)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               alphas=alphas, w_opt_state=w_opt_state,
                               a_opt_state=a_opt_state)
-    return new_state, metrics
+    return new_state, _search_metrics(w_out, a_out, w_grads, a_grads, update_alpha, tau)
 
   return step
+
+
+def _search_metrics(w_out, a_out, w_grads, a_grads, update_alpha, tau) -> dict:
+  """One search step's scalars: both passes' losses, metrics and gradient norms."""
+  (w_loss, w_metrics), (a_loss, a_metrics) = w_out, a_out
+  return {"w_loss": w_loss, "a_loss": a_loss,
+          "w_grad_norm": optax.tree.norm(w_grads),
+          "a_grad_norm": optax.tree.norm(a_grads),
+          "alpha_updated": update_alpha.astype(jnp.float32),
+          **{f"w_{k}": v for k, v in w_metrics.items()},
+          **{f"a_{k}": v for k, v in a_metrics.items()},
+          **({} if tau is None else {"tau": tau})}
 
 
 def _check_search_mode(mode: str, tau_schedule: optax.Schedule | None) -> None:

@@ -91,41 +91,35 @@ def _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix):
         f"got {value_mix.shape}.")
 
 
-def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
-                          value_mix, border, offset_bias) -> Array:
-  """One offset at a time: a lax.scan over the window, rematerialised."""
-  batch, height, width, channels = q.shape
-  head_dim = channels // num_heads
-  value_dim = v.shape[-1] // num_heads
-  half = window // 2
-  offsets = jnp.asarray(
-      np.stack(np.divmod(np.arange(window * window), window), axis=1),
-      jnp.int32)
+def _pad_window(x: Array, half: int) -> Array:
+  """Zero-pads the two spatial axes (1 and 2) by half a window on each side."""
+  return jnp.pad(x, [(0, 0), (half, half), (half, half)] + [(0, 0)] * (x.ndim - 3))
 
-  def pad(x):
-    widths = [(0, 0), (half, half), (half, half)] + [(0, 0)] * (x.ndim - 3)
-    return jnp.pad(x, widths)
 
-  def shifted(x_pad, offset):
-    zero = jnp.zeros_like(offset[0])  # Index dtypes must match, even in x64.
-    start = (zero, offset[0], offset[1]) + (zero,) * (x_pad.ndim - 3)
-    size = (batch, height, width) + x_pad.shape[3:]
-    return lax.dynamic_slice(x_pad, start, size)
+def _shifted(x_pad: Array, offset: Array, height: int, width: int) -> Array:
+  """The [B, H, W, ...] slice of a padded map at window offset (dy, dx)."""
+  zero = jnp.zeros_like(offset[0])  # Index dtypes must match, even in x64.
+  start = (zero, offset[0], offset[1]) + (zero,) * (x_pad.ndim - 3)
+  size = (x_pad.shape[0], height, width) + x_pad.shape[3:]
+  return lax.dynamic_slice(x_pad, start, size)
 
-  q_heads = (q * head_dim**-0.5).reshape(batch, height, width, num_heads,
-                                         head_dim)
-  k_pad = pad(k)
+
+def _scan_logits(q_heads, k, offsets, window, rel_row, rel_col, border,
+                 offset_bias) -> Array:
+  """[k*k, B, H, W, heads] logits of each query at every window offset."""
+  batch, height, width, num_heads, head_dim = q_heads.shape
+  k_pad = _pad_window(k, window // 2)
   # Logits and softmax in at least float32, also for bfloat16 inputs.
-  logit_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logit_dtype = jnp.promote_types(q_heads.dtype, jnp.float32)
 
   # Rematerialised so the backward pass re-slices k instead of saving every
   # shifted copy (which would be the full neighbourhood tensor).
   @jax.checkpoint
   def content_logit(_, offset):
-    k_shift = shifted(k_pad, offset).reshape(q_heads.shape)
+    k_shift = _shifted(k_pad, offset, height, width).reshape(q_heads.shape)
     return None, jnp.sum(q_heads * k_shift, axis=-1, dtype=logit_dtype)
 
-  _, logits = lax.scan(content_logit, None, offsets)  # [kk, B, H, W, heads]
+  _, logits = lax.scan(content_logit, None, offsets)
 
   if rel_row is not None:
     # q . concat(rel_row[dy], rel_col[dx]) = q_row . rel_row[dy] +
@@ -143,20 +137,24 @@ def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
   if offset_bias is not None:
     bias = (offset_bias[:, None] + offset_bias[None, :]).astype(logit_dtype)
     logits += bias.reshape(-1, 1, 1, 1, 1)
-
   if border == "mask":
     valid = _window_mask(height, width, window)[:, None, :, :, None]
     logits = jnp.where(valid, logits, -jnp.inf)
   # zero_pad: a padded key is 0, so its logit is already q . rel (or 0).
-  weights = jax.nn.softmax(logits, axis=0)
+  return logits
 
-  v_pad = pad(v)
+
+def _scan_values(weights, v, offsets, window, num_heads, value_mix) -> Array:
+  """sum over offsets of weights[o] * v at offset o: [B, H, W, heads, Cv/heads]."""
+  batch, height, width = v.shape[:3]
+  value_dim = v.shape[-1] // num_heads
+  v_pad = _pad_window(v, window // 2)
   acc_dtype = jnp.promote_types(v.dtype, jnp.float32)
 
   @jax.checkpoint
   def accumulate(acc, xs):
     offset, weight, *mix = xs
-    v_shift = shifted(v_pad, offset)
+    v_shift = _shifted(v_pad, offset, height, width)
     if mix:
       v_shift = jnp.einsum("bhwmc,m->bhwc", v_shift, mix[0])
     v_shift = v_shift.reshape(batch, height, width, num_heads, value_dim)
@@ -165,8 +163,24 @@ def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
   xs = (offsets, weights) + (() if value_mix is None else (value_mix,))
   init = jnp.zeros((batch, height, width, num_heads, value_dim), acc_dtype)
   out, _ = lax.scan(accumulate, init, xs)
-  return out.reshape(batch, height, width, num_heads * value_dim).astype(
-      v.dtype)
+  return out
+
+
+def _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
+                          value_mix, border, offset_bias) -> Array:
+  """One offset at a time: a lax.scan over the window, rematerialised."""
+  batch, height, width, channels = q.shape
+  head_dim = channels // num_heads
+  offsets = jnp.asarray(
+      np.stack(np.divmod(np.arange(window * window), window), axis=1),
+      jnp.int32)
+  q_heads = (q * head_dim**-0.5).reshape(batch, height, width, num_heads,
+                                         head_dim)
+  logits = _scan_logits(q_heads, k, offsets, window, rel_row, rel_col, border,
+                        offset_bias)
+  weights = jax.nn.softmax(logits, axis=0)
+  out = _scan_values(weights, v, offsets, window, num_heads, value_mix)
+  return out.reshape(batch, height, width, v.shape[-1]).astype(v.dtype)
 
 
 def default_block_size(size: int) -> int:
@@ -237,6 +251,53 @@ def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
   return x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
 
 
+def _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
+                 masked_logit) -> Array:
+  """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along rows (is_row) or columns.
+
+  Each query's relative-embedding (and offset-bias) logits at the region
+  positions they belong to, plus masked_logit where the key is not `valid`
+  (outside the window, or the map under border='mask').
+  """
+  _, region, _, offset, valid = layout
+  dtype = q_blocks.dtype
+  one_hot = ((offset[:, :, None, :] == np.arange(window)[None, None, :, None])
+             & valid[:, :, None, :])
+  bias = np.where(valid, 0.0, masked_logit)  # [nb, b, region] of this axis
+  bias = jnp.asarray(bias[None, :, :, None, None, None] if is_row
+                     else bias[None, None, None, :, :, None], dtype)
+  if rel is None and offset_bias is None:
+    return jnp.broadcast_to(bias, q_blocks.shape[:-1] + (region,))
+  if rel is None:
+    rel_logits = jnp.zeros(q_blocks.shape[:-1] + (window,), dtype)
+  else:
+    num_heads, head_dim = q_blocks.shape[-2:]
+    zeros = jnp.zeros_like(rel)
+    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+    table = table.reshape(window, num_heads, head_dim).astype(dtype)
+    rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
+  if offset_bias is not None:
+    rel_logits += offset_bias.astype(dtype)
+  spec = "bYyXxnw,Yywr->bYyXxnr" if is_row else "bYyXxnw,Xxwr->bYyXxnr"
+  return jnp.einsum(spec, rel_logits, jnp.asarray(one_hot, dtype)) + bias
+
+
+def _augmented_keys(k_regions: Array, pad_dim: int) -> Array:
+  """[B, nb_y, nb_x, r_y*r_x, heads, aug]: keys and their one-hot row and column
+  codes in the region (matched by the queries' axis logits), zero-padded."""
+  batch, nb_y, nb_x, region_y, region_x, num_heads, _ = k_regions.shape
+  dtype = k_regions.dtype
+  code_shape = (batch, nb_y, nb_x, region_y, region_x, num_heads)
+  row_code = jnp.broadcast_to(
+      jnp.eye(region_y, dtype=dtype)[:, None, None, :], code_shape + (region_y,))
+  col_code = jnp.broadcast_to(
+      jnp.eye(region_x, dtype=dtype)[None, :, None, :], code_shape + (region_x,))
+  k_aug = jnp.concatenate(
+      [k_regions, row_code, col_code,
+       jnp.zeros(code_shape + (pad_dim,), dtype)], axis=-1)
+  return k_aug.reshape(batch, nb_y, nb_x, region_y * region_x, num_heads, -1)
+
+
 def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
                              block_size, backend, border, offset_bias) -> Array:
   """Blocked (halo) local attention as augmented dot-product attention."""
@@ -249,70 +310,34 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   zero_pad = border == "zero_pad"
   rows = _halo_layout(height, block_y, half, zero_pad)
   cols = _halo_layout(width, block_x, half, zero_pad)
-  nb_y, region_y = rows[0], rows[1]
-  nb_x, region_x = cols[0], cols[1]
-  dtype = q.dtype
-  masked_logit = _MASKED_LOGIT.get(jnp.dtype(dtype), _DEFAULT_MASKED_LOGIT)
+  (nb_y, region_y), (nb_x, region_x) = rows[:2], cols[:2]
+  masked_logit = _MASKED_LOGIT.get(jnp.dtype(q.dtype), _DEFAULT_MASKED_LOGIT)
 
   # Queries: [B, nb_y, b_y, nb_x, b_x, heads, d], pre-scaled.
   q_heads = (q * head_dim**-0.5).reshape(batch, height, width, num_heads,
                                          head_dim)
   q_blocks = _query_blocks(_query_blocks(q_heads, 1, height, block_y), 3,
                            width, block_x)
-
-  def axis_logits(rel, layout, is_row):
-    """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along rows (is_row) or columns:
-    each query's relative-embedding logits at the region positions they belong to,
-    masked_logit where the key is not `valid` (outside the window, or the map
-    under border='mask')."""
-    _, region, _, offset, valid = layout
-    one_hot = ((offset[:, :, None, :] == np.arange(window)[None, None, :, None])
-               & valid[:, :, None, :])
-    bias = np.where(valid, 0.0, masked_logit)  # [nb, b, region] of this axis
-    bias = jnp.asarray(bias[None, :, :, None, None, None] if is_row
-                       else bias[None, None, None, :, :, None], dtype)
-    if rel is None and offset_bias is None:
-      return jnp.broadcast_to(
-          bias, (batch, nb_y, block_y, nb_x, block_x, num_heads, region))
-    if rel is None:
-      rel_logits = jnp.zeros(q_blocks.shape[:-1] + (window,), dtype)
-    else:
-      zeros = jnp.zeros_like(rel)
-      table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
-      table = table.reshape(window, num_heads, head_dim).astype(dtype)
-      rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
-    if offset_bias is not None:
-      rel_logits += offset_bias.astype(dtype)
-    spec = "bYyXxnw,Yywr->bYyXxnr" if is_row else "bYyXxnw,Xxwr->bYyXxnr"
-    return jnp.einsum(spec, rel_logits, jnp.asarray(one_hot, dtype)) + bias
-
-  row_logits = axis_logits(rel_row, rows, True)
-  col_logits = axis_logits(rel_col, cols, False)
-  aug_dim = head_dim + region_y + region_x
-  pad_dim = -aug_dim % 8  # Multiples of 8 suit tensor cores (and cuDNN).
+  axis_logits = [
+      _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
+                   masked_logit)
+      for rel, layout, is_row in ((rel_row, rows, True), (rel_col, cols, False))]
+  pad_dim = -(head_dim + region_y + region_x) % 8  # Multiples of 8 suit tensor
+  # cores (and cuDNN).
   q_aug = jnp.concatenate(
-      [q_blocks, row_logits, col_logits,
-       jnp.zeros(q_blocks.shape[:-1] + (pad_dim,), dtype)], axis=-1)
+      [q_blocks, *axis_logits,
+       jnp.zeros(q_blocks.shape[:-1] + (pad_dim,), q.dtype)], axis=-1)
   # [B, nb_y, nb_x, b_y*b_x, heads, aug]
   q_aug = q_aug.transpose(0, 1, 3, 2, 4, 5, 6).reshape(
-      batch, nb_y, nb_x, block_y * block_x, num_heads, aug_dim + pad_dim)
+      batch, nb_y, nb_x, block_y * block_x, num_heads, -1)
 
   def regions(x):  # [B, H, W, ...] -> [B, nb_y, nb_x, r_y, r_x, ...]
     x = _halo_regions(_halo_regions(x, 1, height, block_y, half, zero_pad), 3,
                       width, block_x, half, zero_pad)
     return jnp.moveaxis(x, 3, 2)
 
-  k_regions = regions(k.reshape(batch, height, width, num_heads, head_dim))
-  code_shape = (batch, nb_y, nb_x, region_y, region_x, num_heads)
-  row_code = jnp.broadcast_to(
-      jnp.eye(region_y, dtype=dtype)[:, None, None, :], code_shape + (region_y,))
-  col_code = jnp.broadcast_to(
-      jnp.eye(region_x, dtype=dtype)[None, :, None, :], code_shape + (region_x,))
-  k_aug = jnp.concatenate(
-      [k_regions, row_code, col_code,
-       jnp.zeros(code_shape + (pad_dim,), dtype)], axis=-1)
-  k_aug = k_aug.reshape(batch, nb_y, nb_x, region_y * region_x, num_heads,
-                        aug_dim + pad_dim)
+  k_aug = _augmented_keys(
+      regions(k.reshape(batch, height, width, num_heads, head_dim)), pad_dim)
   v_regions = regions(v.reshape(batch, height, width, num_heads, value_dim))
   v_regions = v_regions.reshape(batch, nb_y, nb_x, region_y * region_x,
                                 num_heads, value_dim)
