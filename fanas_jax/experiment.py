@@ -7,7 +7,8 @@ The stages are found in the stage registry (fanas_jax/stages.py). Each writes
 workdir/<stage>/ and is skipped on rerun once finished; an unfinished one resumes
 from its newest checkpoint (fanas_jax/loop.py). The workdir's config.json pins the
 config: rerunning a different config on the same workdir is refused rather than
-mixing or overwriting results.
+mixing or overwriting results. Only `stages` may differ, so a later run can add
+stages (e.g. baseline) to a finished workdir.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fanas_jax.builders import Builder
 from fanas_jax.data import pipeline
 from fanas_jax.derive_stage import derive_stage  # noqa: F401  (the stage as a function)
 from fanas_jax.logging_utils import note
-from fanas_jax.stage import StageContext, run_once, write_json
+from fanas_jax.stage import StageContext, read_result, run_once, write_json
 from fanas_jax.stages import stage_names
 
 
@@ -37,31 +38,41 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-# Settings that cannot change a run's results, so a resumed run may change them.
+# Settings that cannot change a run's results, so a resumed run may change them (and
+# config.json leaves them out).
 UNPINNED = ("compile_cache",)
+# Which stages run is not pinned either: a later run may add stages to a workdir
+# (they read the finished ones' results); config.json's `stages` records every stage
+# run there.
+STAGES_KEY = "stages"
 
 
-def pin_config(config: Any, workdir: str) -> None:
+def pin_config(config: Any, workdir: str) -> list[str]:
   """Writes workdir/config.json, or checks that it matches the config of this run
-  (the UNPINNED keys aside)."""
+  (the UNPINNED keys aside). Returns every stage run in the workdir, this run's
+  included, in the order first run (config.json's `stages`)."""
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  for key in UNPINNED:
-    current.pop(key, None)
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    for key in UNPINNED:
-      previous.pop(key, None)
-    old, new = _flatten(previous), _flatten(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-      detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
-      raise config_checks.ConfigError(
-          f"workdir {workdir} holds a run with a different config ({detail}); use a new "
-          f"--workdir, or rerun with the same config to resume it.")
-    return
-  write_json(path, current)
+  current = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+             if k not in UNPINNED}
+  names = stage_names(config)
+  if not os.path.exists(path):
+    write_json(path, current)
+    return names
+  with open(path) as f:
+    previous = json.load(f)
+  old, new = (_flatten({k: v for k, v in c.items() if k not in UNPINNED + (STAGES_KEY,)})
+              for c in (previous, current))
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  if changed:
+    detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+    raise config_checks.ConfigError(
+        f"workdir {workdir} holds a run with a different config ({detail}); use a new "
+        f"--workdir, or rerun with the same config to resume it.")
+  recorded = [s.strip() for s in str(previous.get(STAGES_KEY, "")).split(",") if s.strip()]
+  stages = recorded + [n for n in names if n not in recorded]
+  if stages != recorded:
+    write_json(path, {**previous, STAGES_KEY: ",".join(stages)})
+  return stages
 
 
 def run(config: Any, workdir: str, builder: type[Builder] = Builder) -> dict[str, Any]:
@@ -77,7 +88,7 @@ def run(config: Any, workdir: str, builder: type[Builder] = Builder) -> dict[str
   config_checks.validate(config, workdir)
   names = stage_names(config)
   os.makedirs(workdir, exist_ok=True)
-  pin_config(config, workdir)
+  workdir_stages = pin_config(config, workdir)
   cache = compile_cache.enable(config.compile_cache)
   note(f"fanas_jax: workdir {workdir}; stages {', '.join(names)}; "
        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -94,5 +105,9 @@ def run(config: Any, workdir: str, builder: type[Builder] = Builder) -> dict[str
     if skipped:
       note(f"[{name}] warning: {skipped} bad example(s) skipped so far in this process "
            "(bad_examples='skip'); the warnings above name them.")
-  report.write_summary(config, workdir, results, timings)
+  # Stages an earlier run finished in this workdir keep their summary sections.
+  shown = {n: results[n] if n in results else read_result(workdir, n)
+           for n in workdir_stages}
+  report.write_summary(config, workdir,
+                       {n: r for n, r in shown.items() if r is not None}, timings)
   return results

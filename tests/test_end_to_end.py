@@ -100,6 +100,20 @@ def test_rerun_with_another_config_is_refused(finished_run):
   assert "different config" in proc.stderr and "train.epochs: 1 -> 2" in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_run_of_fewer_stages_keeps_every_finished_stage_in_the_summary(finished_run):
+  """`stages` is not pinned: a later run may pick some stages (or add new ones), and
+  summary.md still has a section for each stage finished in the workdir."""
+  workdir, _ = finished_run
+  proc = _run(workdir, "--config.stages=derive")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("finished earlier") == 1
+  summary = open(os.path.join(workdir, "summary.md")).read()
+  assert "test top-1" in summary and "Recall@1" in summary
+  assert summary.count("layers with top-op margin > 0.1") == 2
+  assert "- derive: " in summary and "- train: " not in summary  # this run's timings
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.trian.epochs=2", "unknown config key 'trian'"),
     ("--config.dataset=cifar", "valid choices: caltech_birds2011, cars196, cifar10, cifar100, "

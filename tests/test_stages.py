@@ -100,3 +100,21 @@ def test_bad_stage_order_fails_on_the_command_line_before_compute(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("fanas_jax: error: stage train needs")
   assert not os.path.exists(workdir / "config.json")
+
+
+def test_a_later_run_may_add_stages_to_a_workdir_but_not_change_the_rest(tmp_path):
+  """config.json pins every key but `stages`, which records every stage run there, in
+  the order first run; the summary keeps the earlier stages' sections."""
+  from fanas_jax.experiment import pin_config
+  workdir = str(tmp_path)
+  assert pin_config(_config("search_phase1,search_phase2,derive"), workdir) == [
+      "search_phase1", "search_phase2", "derive"]
+  assert pin_config(_config("derive,train,baseline"), workdir) == [
+      "search_phase1", "search_phase2", "derive", "train", "baseline"]
+  with open(tmp_path / "config.json") as f:
+    recorded = json.load(f)
+  assert recorded["stages"] == "search_phase1,search_phase2,derive,train,baseline"
+  assert "compile_cache" not in recorded
+  assert pin_config(_config("train"), workdir)[-2:] == ["train", "baseline"]
+  with pytest.raises(ConfigError, match=r"different config \(train.epochs: 1 -> 2\)"):
+    pin_config(_config("train", epochs=2), workdir)
