@@ -556,7 +556,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
   search = {(r["supernet_impl"], r["num_candidates"], r["image_size"], r["step"]): r
             for r in rows if r["kind"] == "search"}
   kinds = list(dict.fromkeys(key[3] for key in search))
-  head = f"{'supernet_impl':13s} {'ops':>3s} {'size':>4s} " + " ".join(
+  head = f"{'supernet_impl':14s} {'ops':>3s} {'size':>4s} " + " ".join(
       f"{kind + ' ms':>15s} {'compile s':>9s}" for kind in kinds)
   head += f" {'single-op sum ms':>16s} {'vs sum':>6s}"
   lines = [head, "-" * len(head)]
@@ -564,7 +564,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> str:
   for impl, n, size in _scaling_points(rows):
     cells = [search.get((impl, n, size, kind)) for kind in kinds]
     weight = search.get((impl, n, size, "weight"), {})
-    lines.append(f"{impl:13s} {n:3d} {size:4d} " + " ".join(
+    lines.append(f"{impl:14s} {n:3d} {size:4d} " + " ".join(
         f"{fmt(c and c['median_ms'], '15.1f')} {fmt(c and c['compile_s'], '9.1f')}"
         for c in cells) + f" {fmt(weight.get('single_op_sum_ms'), '16.1f')} "
         f"{fmt(weight.get('vs_single_ops'), '6.2f')}")

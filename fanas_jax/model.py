@@ -152,9 +152,10 @@ class Backbone(nn.Module):
       raise ValueError("A supernet (several candidates per layer) needs alphas "
                        "or a sampled path.")
     w = mixture_weights(alphas[name], None if op_mask is None else op_mask[name])[l]
-    if self.supernet_impl == "stacked" and not self.is_initializing():
+    if self.supernet_impl != "per_op" and not self.is_initializing():
       layer = LayerSpec(ops, width, stride, OpOptions(self.dtype, self.attention_impl,
-                                                      self.border), self.relu_after_add)
+                                                      self.border), self.relu_after_add,
+                        group_by_window=self.supernet_impl == "stacked_window")
       return self._stacked_layer(layer, prefix, x, w, train)
     outs = [Bottleneck(op, name=f"{prefix}_{op}", **options)(x, train) for op in ops]
     return sum(w[i].astype(o.dtype) * o for i, o in enumerate(outs))
@@ -325,7 +326,7 @@ def freeze_layer_ops(layer_ops: LayerOps) -> tuple:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How a mixture layer computes its candidates: one bottleneck module each, or all
 # at once over an op axis (ops/stacked.py). The same function and variables.
-SUPERNET_IMPLS = ("per_op", "stacked")
+SUPERNET_IMPLS = ("per_op", "stacked", "stacked_window")
 
 # config.model keys that select a behaviour, with their valid values.
 _CHOICES = {

@@ -45,14 +45,15 @@ def test_bad_arguments_are_refused_before_compute(args, message, capsys):
 
 @pytest.mark.slow
 def test_search_rows_time_each_supernet_impl_side_by_side(tmp_path):
-  """The weight-step rows only (no --search_modes): one compile per implementation."""
+  """The weight-step rows only (no --search_modes): one compile per implementation
+  (two h4 ops: stacked shares one 5x5 attention, stacked_window runs one each)."""
   result = benchmark.main([
       "--suite=nets", "--nets=search", "--search_ops=local3_h4,local5_h4",
       "--search_modes=", "--search_sizes=8", "--search_batch=2",
       "--dtype=float32", "--iters=2", "--warmup=0", f"--json={tmp_path / 'b.json'}"])
   rows = result["rows"]
   assert [(r["supernet_impl"], r["image_size"]) for r in rows] == [
-      ("per_op", 8), ("stacked", 8)]
+      ("per_op", 8), ("stacked", 8), ("stacked_window", 8)]
   assert rows[1]["name"] == "supernet weight step (2 ops, stacked, C=16, 8x8)"
   for row in rows:
     assert row["median_ms"] > 0 and row["compile_s"] > 0

@@ -97,8 +97,9 @@ def _model() -> ml_collections.ConfigDict:
       stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
       dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay f32)
       attention_impl="blocked",  # local attention: 'blocked' (fast) or 'scan' (lean)
-      supernet_impl="per_op",  # mixture layers: 'per_op' (a bottleneck per candidate)
-                              # or 'stacked' (all candidates over one op axis)
+      supernet_impl="per_op",  # mixture layers: 'per_op' (a bottleneck per candidate),
+                              # 'stacked' (all candidates over one op axis, one attention
+                              # per head count) or 'stacked_window' (one per window too)
       # Where ours may differ from the authors' network (their values here):
       border="zero_pad",      # local attention at the map's edges: 'zero_pad' (padded
                               # zeros stay in the softmax) or 'mask' (left out of it)

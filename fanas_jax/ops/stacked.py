@@ -11,8 +11,9 @@ Layout for mixed windows and head counts: local ops with the same head count sha
 attention in the group's largest window; a smaller window is that attention narrowed by
 an offset mask (`inner_window_bias`) with its relative tables zero-padded, which is the
 same function. Masking 3x3 and 5x5 inside a 7x7 halo costs attention FLOPs (on 8x8 maps
-under border='mask' none: the halo is the whole map); grouping by window as well would
-cost three times the kernels. Head counts are kept apart since each head's softmax is
+under border='mask' none: the halo is the whole map). `group_by_window`
+(supernet_impl='stacked_window') groups by window as well: no masked FLOPs, three times
+the attention kernels. Head counts are kept apart since each head's softmax is
 its own. Other ops (nonlocal, axial) run as their own modules on their slice.
 
 Parameters and statistics stay those of the per-op bottlenecks, read and written by
@@ -44,6 +45,9 @@ class LayerSpec:
   stride: int
   options: OpOptions
   relu_after_add: bool = False
+  # False: local ops of one head count share one attention in their largest window,
+  # smaller windows masked inside it. True: one attention per (window, head count).
+  group_by_window: bool = False
 
 
 def op_order(ops: Sequence[str]) -> list[int]:
@@ -107,11 +111,14 @@ def _local_group(y: jax.Array, ops: Sequence[str], params: list[Tree],
       tables.append(jnp.pad(p["op"][name], ((pad, pad), (0, 0))))
     return jnp.stack(tables).astype(dtype)
 
-  bias = jnp.asarray(np.stack([inner_window_bias(window, s.window, dtype) for s in specs]))
-  attend = lambda q, k, v, row, col, b: local_attention(
+  attend = lambda q, k, v, row, col, b=None: local_attention(
       q, k, v, window=window, num_heads=heads, rel_row=row, rel_col=col,
       border=options.border, impl=options.attention_impl, offset_bias=b)
-  return jax.vmap(attend)(*qkv, padded("rel_row"), padded("rel_col"), bias)
+  tables = (padded("rel_row"), padded("rel_col"))
+  if all(s.window == window for s in specs):  # No window to narrow.
+    return jax.vmap(attend)(*qkv, *tables)
+  bias = jnp.asarray(np.stack([inner_window_bias(window, s.window, dtype) for s in specs]))
+  return jax.vmap(attend)(*qkv, *tables, bias)
 
 
 def _other_op(y: jax.Array, op: str, params: Tree, stats: Tree, inner: int,
@@ -132,9 +139,15 @@ def _middle(y: jax.Array, layer: LayerSpec, order: list[int], params: list[Tree]
             stats: list[Tree], train: bool) -> tuple[jax.Array, dict[int, Tree]]:
   """The attention ops on y [n, B, H, W, inner], in stacked order; also the new
   statistics of ops that keep their own (by position). Local ops with the same head
-  count run as one group; every other op runs alone."""
+  count (and window, with layer.group_by_window) run as one group; every other op
+  runs alone."""
   specs = [OPS.get(layer.ops[i], key="op") for i in order]
-  group_of = lambda i: (i if specs[i].window is None else -1, specs[i].num_heads)
+
+  def group_of(i: int) -> tuple:
+    if specs[i].window is None:
+      return (i,)
+    return (-1, specs[i].num_heads) + ((specs[i].window,) if layer.group_by_window else ())
+
   outs, op_stats = [], {}
   for _, members in itertools.groupby(range(len(specs)), key=group_of):
     idx = list(members)
