@@ -47,14 +47,13 @@ UNPINNED = ("compile_cache",)
 STAGES_KEY = "stages"
 
 
-def pin_config(config: Any, workdir: str) -> list[str]:
+def pin_config(config: Any, workdir: str, names: list[str]) -> list[str]:
   """Writes workdir/config.json, or checks that it matches the config of this run
   (the UNPINNED keys aside). Returns every stage run in the workdir, this run's
-  included, in the order first run (config.json's `stages`)."""
+  `names` included, in the order first run (config.json's `stages`)."""
   path = os.path.join(workdir, "config.json")
   current = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
              if k not in UNPINNED}
-  names = stage_names(config)
   if not os.path.exists(path):
     write_json(path, current)
     return names
@@ -88,7 +87,7 @@ def run(config: Any, workdir: str, builder: type[Builder] = Builder) -> dict[str
   config_checks.validate(config, workdir)
   names = stage_names(config)
   os.makedirs(workdir, exist_ok=True)
-  workdir_stages = pin_config(config, workdir)
+  workdir_stages = pin_config(config, workdir, names)
   cache = compile_cache.enable(config.compile_cache)
   note(f"fanas_jax: workdir {workdir}; stages {', '.join(names)}; "
        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "

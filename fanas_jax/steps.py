@@ -87,28 +87,16 @@ SEARCH_MODES = ("first_order", "second_order", "gumbel")
 
 def make_search_step(model: Model, objective: Objective, w_tx: optax.GradientTransformation,
                      a_tx: optax.GradientTransformation, mode: str = "first_order", *,
-                     warmup_steps: int = 0,
-                     tau_schedule: optax.Schedule | None = None) -> Callable:
+                     warmup_steps: int = 0, tau_schedule: optax.Schedule | None = None
+                     ) -> Callable:
   """One bilevel step: alpha on the architecture batch, then weights on the weight batch.
 
-  mode 'first_order': grad_alpha L_arch(w, alpha) (DARTS first order).
-  mode 'second_order': grad_alpha L_arch(w'(alpha), alpha) by autodiff through one
-    virtual step w' = w + w_tx.update(grad_w L_weight(w, alpha)), i.e. the weight
-    optimizer's next step from its current state, on the weight batch with the weight
-    pass's keys. So xi is the weight schedule's current learning rate and, as in
-    DARTS, momentum and weight decay enter w' (both independent of alpha); unlike
-    DARTS the virtual step also clips, as the real one does. With plain SGD this is
-    w' = w - xi * grad_w L_weight(w, alpha). The alpha update thus legitimately
-    depends on the weight batch.
-  mode 'gumbel': both passes run one op per layer sampled from
-    gumbel_softmax(alpha, tau) with independent noise (GDAS), tau = tau_schedule(step).
-
+  `mode` picks alpha's gradient (first_order, second_order, gumbel: see _alpha_grad).
   Every pass runs the network in training mode (batch statistics); only the real
   weight pass updates the running BN statistics. Each optimizer only ever sees its
   own gradients. For the first `warmup_steps` steps the alpha pass is skipped (one
   lax.cond on the step counter, so one compiled program): alpha and its optimizer
-  state stay as they are while the weights train.
-  """
+  state stay as they are while the weights train."""
   _check_search_mode(mode, tau_schedule)
   loss_fn = make_loss_fn(model, objective, sample_path=mode == "gumbel")
   weight_grad = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
@@ -182,7 +170,20 @@ def _check_search_mode(mode: str, tau_schedule: optax.Schedule | None) -> None:
 def _alpha_grad(mode: str, loss_fn: Callable, weight_grad: Callable,
                 w_tx: optax.GradientTransformation) -> Callable:
   """(state, w_batch, a_batch, k_arch, k_weight, tau) -> ((L_arch, aux), d L_arch /
-  d alpha): at the current weights, or (second_order) one virtual weight step ahead."""
+  d alpha).
+
+  mode 'first_order': grad_alpha L_arch(w, alpha) (DARTS first order).
+  mode 'second_order': grad_alpha L_arch(w'(alpha), alpha) by autodiff through one
+    virtual step w' = w + w_tx.update(grad_w L_weight(w, alpha)), i.e. the weight
+    optimizer's next step from its current state, on the weight batch with the weight
+    pass's keys. So xi is the weight schedule's current learning rate and, as in
+    DARTS, momentum and weight decay enter w' (both independent of alpha); unlike
+    DARTS the virtual step also clips, as the real one does. With plain SGD this is
+    w' = w - xi * grad_w L_weight(w, alpha). The alpha update thus legitimately
+    depends on the weight batch.
+  mode 'gumbel': both passes run one op per layer sampled from
+    gumbel_softmax(alpha, tau) with independent noise (GDAS), tau = tau_schedule(step).
+  """
   if mode != "second_order":
     arch_grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
     return lambda state, w_batch, a_batch, k_arch, k_weight, tau: arch_grad(

@@ -499,3 +499,22 @@ def test_conv_stem_shape():
       (3, 3, 3, 8), (3, 3, 8, 16), (3, 3, 16, 16)]
   assert STEMS.names() == ["attention", "conv"]
   assert isinstance(STEMS.get("attention").make(8, OpOptions(), "stem"), AttentionStem)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(border="reflect"), "Unknown local attention border 'reflect'; valid: zero_pad, mask"),
+    (dict(impl="dense"), "Unknown local attention implementation 'dense'; valid: blocked, scan"),
+    (dict(block_size=0), "block_size must be positive, got 0"),
+    (dict(offset_bias=jnp.zeros(5)), r"offset_bias must be \[3\]"),
+])
+def test_bad_local_attention_options_are_errors_that_name_the_choices(options, message):
+  q = jnp.zeros((1, 4, 4, 8))
+  with pytest.raises(ValueError, match=message):
+    local_attention(q, q, q, window=3, num_heads=2, **options)
+
+
+def test_value_mix_needs_the_scan_implementation():
+  q = jnp.zeros((1, 4, 4, 8))
+  v = jnp.zeros((1, 4, 4, 2, 8))
+  with pytest.raises(ValueError, match=r"value_mix \(the attention stem\) needs impl='scan'"):
+    local_attention(q, q, v, window=3, num_heads=2, value_mix=jnp.zeros((9, 2)))

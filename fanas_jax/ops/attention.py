@@ -91,6 +91,21 @@ def _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix):
         f"got {value_mix.shape}.")
 
 
+def _check_options(window, value_mix, border, impl, block_size, offset_bias):
+  if offset_bias is not None and offset_bias.shape != (window,):
+    raise ValueError(f"offset_bias must be [{window}]; got {offset_bias.shape}.")
+  if border not in BORDERS:
+    raise ValueError(f"Unknown local attention border {border!r}; valid: "
+                     f"{', '.join(BORDERS)}.")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
+                     f"{', '.join(IMPLEMENTATIONS)}.")
+  if impl == "blocked" and value_mix is not None:
+    raise ValueError("value_mix (the attention stem) needs impl='scan'.")
+  if impl == "blocked" and block_size is not None and block_size < 1:
+    raise ValueError(f"block_size must be positive, got {block_size}.")
+
+
 def _pad_window(x: Array, half: int) -> Array:
   """Zero-pads the two spatial axes (1 and 2) by half a window on each side."""
   return jnp.pad(x, [(0, 0), (half, half), (half, half)] + [(0, 0)] * (x.ndim - 3))
@@ -446,31 +461,19 @@ def local_attention(q: Array,
       of the side near 8).
     backend: for `blocked`, 'xla' or 'cudnn' (default: cuDNN on GPU for
       bf16/fp16 inputs, else XLA).
-    offset_bias: optional [window] logit bias; a key at row offset dy and
-      column offset dx gets offset_bias[dy] + offset_bias[dx]. A large negative
-      bias outside the centre w x w offsets makes this exactly the attention of
-      a w x w window (with rel tables zero-padded to `window`): the stacked
-      supernet runs several windows as one.
+    offset_bias: optional [window] logit bias; a key at row offset dy and column
+      offset dx gets offset_bias[dy] + offset_bias[dx]. A large negative bias outside
+      the centre w x w offsets makes this exactly a w x w window's attention (rel
+      tables zero-padded to `window`): the stacked supernet runs windows as one.
 
   Returns:
     [B, H, W, Cv] attention output, in v's dtype.
   """
   _check_shapes(q, k, v, window, num_heads, rel_row, rel_col, value_mix)
-  if offset_bias is not None and offset_bias.shape != (window,):
-    raise ValueError(f"offset_bias must be [{window}]; got {offset_bias.shape}.")
-  if border not in BORDERS:
-    raise ValueError(f"Unknown local attention border {border!r}; valid: "
-                     f"{', '.join(BORDERS)}.")
+  _check_options(window, value_mix, border, impl, block_size, offset_bias)
   if impl == "scan":
     return _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
                                  value_mix, border, offset_bias)
-  if impl != "blocked":
-    raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
-                     f"{', '.join(IMPLEMENTATIONS)}.")
-  if value_mix is not None:
-    raise ValueError("value_mix (the attention stem) needs impl='scan'.")
-  if block_size is not None and block_size < 1:
-    raise ValueError(f"block_size must be positive, got {block_size}.")
   return _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
                                   block_size, backend, border,
                                   offset_bias).astype(v.dtype)
