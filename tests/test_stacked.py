@@ -5,7 +5,9 @@ import numpy as np
 import optax
 import pytest
 
+from fanas_jax import inherit, steps
 from fanas_jax.model import gumbel_path, make_model
+from fanas_jax.objectives import make_objective
 from fanas_jax.ops.attention import inner_window_bias, local_attention
 from fanas_jax.ops.layers import ORIGINAL_OPS
 from fanas_jax.ops.stacked import op_order
@@ -31,12 +33,12 @@ def _models(layer_ops=LAYER_OPS, impls=("per_op", "stacked")):
                      zero_init_residual=True) for impl in impls]
 
 
-def _fewer(variables):
-  """(layer ops, variables, alphas) of the network whose mixtures hold only FEWER:
+def _fewer(variables, fewer=FEWER):
+  """(layer ops, variables, alphas) of the network whose mixtures hold only `fewer`:
   the full network's variables of those ops, and their columns of the alphas."""
-  layer_ops = tuple(tuple(FEWER if ops == CANDIDATES else ops for ops in stage)
+  layer_ops = tuple(tuple(fewer if ops == CANDIDATES else ops for ops in stage)
                     for stage in LAYER_OPS)
-  columns = jnp.asarray([CANDIDATES.index(op) for op in FEWER])
+  columns = jnp.asarray([CANDIDATES.index(op) for op in fewer])
   alphas = {k: a[:, columns] for k, a in _alphas().items()}
   shapes = jax.eval_shape(_models(layer_ops)[0].init, jax.random.key(1), X, alphas)
   sub = lambda src, like: {k: sub(src[k], v) if isinstance(v, dict) else src[k]
@@ -177,6 +179,70 @@ def test_sampled_path_is_the_same_under_both_implementations(variables):
   want, got = (jax.jit(jax.grad(lambda a, m=m: path_loss(m, a)))(alphas)
                for m in _models(layer_ops))
   assert _rel_diff(want, got) < 1e-5
+
+
+def _search_then_inherit(model, variables, alphas, layer_ops):
+  """Two first-order search steps from `variables` and `alphas`, then the derived
+  network of each layer's top op started from the result as train.init='supernet'
+  does: (search state, derived layer ops, inherited variables)."""
+  # Plain SGD on alpha too: its step is then its gradient (Adam's first steps are
+  # about lr x sign(gradient), alike under any small difference).
+  w_tx, a_tx = optax.sgd(0.01, momentum=0.9), optax.sgd(0.1)
+  objective = make_objective("supervised", {})
+  state = steps.SearchState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                            batch_stats=variables["batch_stats"], alphas=alphas,
+                            w_opt_state=w_tx.init(variables["params"]),
+                            a_opt_state=a_tx.init(alphas))
+  step = jax.jit(steps.make_search_step(model, objective, w_tx, a_tx))
+  images = jax.random.normal(jax.random.key(5), (2, 4) + X.shape[1:])
+  labels = jnp.asarray([[1, 7, 3, 0], [4, 4, 9, 2]])
+  for w_images, w_labels in ((images[0], labels[0]), (images[1], labels[1])):
+    state, _ = step(state, {"image": w_images, "label": w_labels},
+                    {"image": -w_images, "label": w_labels[::-1]}, jax.random.key(6))
+  derived = tuple(
+      tuple((ops[int(jnp.argmax(state.alphas[f"stage{s + 1}"][l]))],) if len(ops) > 1
+            else ops for l, ops in enumerate(stage)) for s, stage in enumerate(layer_ops))
+  fresh = steps.init_variables(
+      make_model(derived, 16, "classifier", num_classes=10, zero_init_residual=True),
+      jax.random.key(7), (1,) + X.shape[1:])
+  supernet = {"params": state.params, "batch_stats": state.batch_stats}
+  return state, derived, inherit.start_from_supernet(supernet, "a test")(fresh)
+
+
+def test_a_stacked_supernet_searches_and_hands_on_the_per_op_derived_network(variables):
+  """Search steps under stacked_window (the quickstart's layout) move weights, BN
+  statistics and alphas as per_op does, derive the same ops, and inheritance copies
+  the same derived network: both layouts keep one per-op variable tree. Three
+  candidates (two windows of one head count, and non-local) keep the two search
+  steps' compiles short."""
+  layer_ops, variables, alphas = _fewer(variables, ("local3_h4", "local5_h4", "nonlocal"))
+  results = [_search_then_inherit(model, variables, alphas, layer_ops)
+             for model in _models(layer_ops, ("per_op", "stacked_window"))]
+  (want_state, want_ops, want_vars), (got_state, got_ops, got_vars) = results
+  start = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+           "alphas": alphas}
+  moves = [[jax.tree.map(jnp.subtract, getattr(state, k), start[k])
+            for state in (want_state, got_state)]
+           for k in ("params", "batch_stats", "alphas")]
+  # Norm-wise over each tree: a move is a difference of float32 values, so a leaf
+  # that barely moves carries rounding of the values themselves (~1e-8).
+  norm = lambda tree: optax.tree.norm(tree)
+  diffs = [float(norm(jax.tree.map(jnp.subtract, got, want)) / norm(want))
+           for want, got in moves]
+  print(f"relative difference of what two search steps moved (params, statistics, "
+        f"alphas): {', '.join(f'{d:.2g}' for d in diffs)}")
+  assert max(diffs) < 1e-5
+  assert all(max(float(jnp.abs(a).max()) for a in jax.tree.leaves(want)) > 1e-4
+             for want, _ in moves)
+  assert got_ops == want_ops
+  assert _rel_diff(want_vars["params"]["backbone"], got_vars["params"]["backbone"]) < 1e-5
+  assert _rel_diff(want_vars["batch_stats"], got_vars["batch_stats"]) < 1e-5
+  chosen = f"stage1_layer1_{got_ops[0][0][0]}"
+  for collection in ("params", "batch_stats"):
+    got = got_vars[collection]["backbone"][chosen]
+    assert jax.tree.all(jax.tree.map(
+        lambda a, b: bool(jnp.array_equal(a, b)), got,
+        getattr(got_state, collection)["backbone"][chosen]))
 
 
 def test_op_order_groups_local_ops_by_heads_then_the_rest():
