@@ -226,9 +226,8 @@ def test_a_stacked_supernet_searches_and_hands_on_the_per_op_derived_network(var
            for k in ("params", "batch_stats", "alphas")]
   # Norm-wise over each tree: a move is a difference of float32 values, so a leaf
   # that barely moves carries rounding of the values themselves (~1e-8).
-  norm = lambda tree: optax.tree.norm(tree)
-  diffs = [float(norm(jax.tree.map(jnp.subtract, got, want)) / norm(want))
-           for want, got in moves]
+  diffs = [float(optax.tree.norm(jax.tree.map(jnp.subtract, got, want))
+                 / optax.tree.norm(want)) for want, got in moves]
   print(f"relative difference of what two search steps moved (params, statistics, "
         f"alphas): {', '.join(f'{d:.2g}' for d in diffs)}")
   assert max(diffs) < 1e-5
