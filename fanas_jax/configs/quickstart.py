@@ -57,20 +57,25 @@ def get_config(arg: str | None = None):
   c.finetune.flip = False
   c.finetune.crop_padding = 1
   if arg == "tiny":
-    c.search.candidates = default.TINY_CANDIDATES  # 2 ops in stage 1, 1 in the others
-    # Two candidates share no window: nothing to stack. The tests run this variant,
-    # and their bounds near float32 rounding were measured per op.
-    c.model.supernet_impl = "per_op"
-    c.search_phase1.epochs = 1
-    c.search_phase2.epochs = 1
-    c.train.width = 16
-    c.train.epochs = 1
-    c.train.warmup_epochs = 0
-    c.retrieval.width = 16
-    c.retrieval.embed_dim = 16
-    c.retrieval.epochs = 1
-    c.retrieval.warmup_epochs = 0
-    c.finetune.epochs = 1
+    _tiny(c)
   elif arg:
     raise ValueError(f"Unknown quickstart variant {arg!r}; valid choices: tiny.")
   return c
+
+
+def _tiny(c) -> None:
+  """The seconds-per-stage variant: one epoch per stage, width 16, a stage-wise space."""
+  c.search.candidates = default.TINY_CANDIDATES  # 2 ops in stage 1, 1 in the others
+  # Its two candidates share no window, where stacking is slower (README,
+  # "Benchmarks"); the tests run this variant, their rounding bounds measured per op.
+  c.model.supernet_impl = "per_op"
+  c.search_phase1.epochs = 1
+  c.search_phase2.epochs = 1
+  c.train.width = 16
+  c.train.epochs = 1
+  c.train.warmup_epochs = 0
+  c.retrieval.width = 16
+  c.retrieval.embed_dim = 16
+  c.retrieval.epochs = 1
+  c.retrieval.warmup_epochs = 0
+  c.finetune.epochs = 1
