@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fanas_jax import cost, parallel, retrieval, steps
+from fanas_jax import cost, host, parallel, retrieval, steps
 from fanas_jax.genotype import (LAYERS_PER_STAGE, NAMED_GENOTYPES, NUM_STAGES, Genotype,
                                SearchSpace)
 from fanas_jax.model import DTYPES, SUPERNET_IMPLS, make_model
@@ -827,4 +827,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  host.collect_garbage_less_often()   # as the command line's runs do
   main()

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fanas_jax import config_checks, config_files, experiment, parallel
+from fanas_jax import config_checks, config_files, experiment, host, parallel
 from fanas_jax.data.pipeline import BadExampleError
 from fanas_jax.builders import Builder
 from fanas_jax.loop import NonFiniteError
@@ -96,6 +96,7 @@ def main(argv: list[str], builder: type[Builder] = Builder) -> None:
   """The command; `builder` makes what the stages are built from (tests inject faults)."""
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  host.collect_garbage_less_often()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs off the console.
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,

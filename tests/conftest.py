@@ -74,3 +74,10 @@ def pytest_configure(config):
     from tests.compile_report import Report
     config.pluginmanager.register(Report(os.environ["FANAS_TEST_COMPILE_REPORT"],
                                          first=not hasattr(config, "workerinput")))
+
+
+def pytest_collection_finish(session):
+  """Each test process (every xdist worker) collects garbage as the command line does,
+  once the test modules, and jax with them, are imported (fanas_jax/host.py)."""
+  from fanas_jax import host
+  host.collect_garbage_less_often()

@@ -17,7 +17,7 @@ import sys
 import jax
 import numpy as np
 
-from fanas_jax import evaluate, parallel, retrieval
+from fanas_jax import evaluate, host, parallel, retrieval
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
 
@@ -75,4 +75,5 @@ def main(eval_batch: str, path: str) -> None:
 
 
 if __name__ == "__main__":
+  host.collect_garbage_less_often()
   main(*sys.argv[1:])

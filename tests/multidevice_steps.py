@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from fanas_jax.configs import quickstart
-from fanas_jax import optim, parallel
+from fanas_jax import host, optim, parallel
 from fanas_jax.genotype import named_genotype, search_space_from_config
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
@@ -150,4 +150,5 @@ def main(case: str, path: str) -> None:
 
 
 if __name__ == "__main__":
+  host.collect_garbage_less_often()
   main(*sys.argv[1:])

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from fanas_jax.configs import quickstart
-from fanas_jax import optim, parallel
+from fanas_jax import host, optim, parallel
 from fanas_jax.loop import compile_step, peek
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
@@ -84,4 +84,5 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
 
 
 if __name__ == "__main__":
+  host.collect_garbage_less_often()
   main(*sys.argv[1:])
