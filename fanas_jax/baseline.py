@@ -19,7 +19,7 @@ import numpy as np
 
 from fanas_jax import train
 from fanas_jax.derive import Budget, budget_from_config, layer_costs
-from fanas_jax.genotype import (LAYERS_PER_STAGE, DeriveLimits, Genotype, SearchSpace,
+from fanas_jax.genotype import (DeriveLimits, Genotype, SearchSpace,
                                 search_space_from_config)
 from fanas_jax.logging_utils import note
 from fanas_jax.registry import ConfigError
@@ -31,9 +31,10 @@ TRAINED = Need("the trained genotype's test top-1", ("train",),
 MAX_BUDGET_DRAWS = 10_000
 
 
-def legal_stage_choices(ops: Sequence[str], limits: DeriveLimits) -> list[tuple[int, ...]]:
+def legal_stage_choices(ops: Sequence[str], limits: DeriveLimits,
+                        layers: int) -> list[tuple[int, ...]]:
   """Every assignment of ops to a stage's layers (op indices) within the limits."""
-  return [c for c in itertools.product(range(len(ops)), repeat=LAYERS_PER_STAGE)
+  return [c for c in itertools.product(range(len(ops)), repeat=layers)
           if not limits.violations([ops[i] for i in c])]
 
 
@@ -56,7 +57,7 @@ def random_genotypes(space: SearchSpace, limits: DeriveLimits, budget: Budget | 
                      count: int, rng: np.random.Generator) -> list[Genotype]:
   """`count` genotypes, each stage uniform over its legal assignments; with an active
   budget, drawn until the whole network fits (uniform over the fitting ones)."""
-  choices = [legal_stage_choices(ops, limits) for ops in space.candidates]
+  choices = [legal_stage_choices(ops, limits, space.layers) for ops in space.candidates]
   fits = _fits_budget(space, budget)
   out = []
   for _ in range(count):
@@ -101,8 +102,9 @@ def check_config(config: Any, stage: str) -> None:
                       f"least 1.")
   train.check_config(config, "train")
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
-  for s, ops in enumerate(search_space_from_config(config.search.candidates).candidates):
-    if not legal_stage_choices(ops, limits):
+  space = search_space_from_config(config.search)
+  for s, ops in enumerate(space.candidates):
+    if not legal_stage_choices(ops, limits, space.layers):
       raise ConfigError(f"No assignment of {list(ops)} to stage{s + 1} satisfies the "
                         f"derive limits (derive.max_window7, derive.max_global).")
 
@@ -136,7 +138,7 @@ def run_baseline(ctx: StageContext) -> dict[str, Any]:
   _, trained = ctx.source(TRAINED)
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
   rng = np.random.default_rng([config.seed, config.baseline.sample_seed])
-  genotypes = random_genotypes(search_space_from_config(config.search.candidates), limits,
+  genotypes = random_genotypes(search_space_from_config(config.search), limits,
                                budget_from_config(config), config.baseline.num_genotypes,
                                rng)
   results = [_train_random(ctx, k + 1, g) for k, g in enumerate(genotypes)]

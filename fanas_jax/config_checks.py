@@ -74,7 +74,7 @@ def validate(config: Any, workdir: str | None = None) -> None:
   try:
     parallel.check_mesh(config.num_devices)
     STEMS.get(config.model.stem, key="model.stem")
-    search_space_from_config(config.search.candidates)
+    search_space_from_config(config.search)
     DERIVE_RULES.get(config.derive.rule, key="derive.rule")
   except ValueError as e:
     raise ConfigError(str(e)) from None

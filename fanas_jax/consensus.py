@@ -22,7 +22,7 @@ import numpy as np
 
 from fanas_jax.baseline import legal_stage_choices, random_genotypes
 from fanas_jax.derive import Budget, derive, log_softmax
-from fanas_jax.genotype import (LAYERS_PER_STAGE, NUM_STAGES, DeriveLimits, Genotype,
+from fanas_jax.genotype import (NUM_STAGES, DeriveLimits, Genotype,
                                 SearchSpace, stage_name)
 
 # With a params/MACs budget the chance level is estimated from this many seeded draws
@@ -38,11 +38,13 @@ def pairwise_agreement(genotypes: Sequence[Genotype]) -> dict[str, np.ndarray]:
   if len(genotypes) < 2:
     raise ValueError(f"Agreement across seeds needs at least 2 genotypes, got "
                      f"{len(genotypes)}.")
+  if len({g.layers for g in genotypes}) > 1:
+    raise ValueError("Agreement across seeds needs genotypes of as many layers per stage.")
   pairs = math.comb(len(genotypes), 2)
   out = {}
   for s in range(NUM_STAGES):
     agree = []
-    for layer in range(LAYERS_PER_STAGE):
+    for layer in range(genotypes[0].layers):
       counts = collections.Counter(g.stages[s][layer] for g in genotypes)
       agree.append(sum(math.comb(c, 2) for c in counts.values()) / pairs)
     out[stage_name(s)] = np.asarray(agree)
@@ -95,12 +97,13 @@ def exact_chance_agreement(space: SearchSpace, limits: DeriveLimits
   stages are independent when no budget couples them)."""
   out = {}
   for s, ops in enumerate(space.candidates):
-    choices = np.asarray(legal_stage_choices(ops, limits)).reshape(-1, LAYERS_PER_STAGE)
+    choices = np.asarray(legal_stage_choices(ops, limits, space.layers)
+                         ).reshape(-1, space.layers)
     if not len(choices):
       raise ValueError(f"No assignment of {list(ops)} to {stage_name(s)} satisfies the "
                        "derive limits (derive.max_window7, derive.max_global).")
     p = np.stack([np.bincount(choices[:, layer], minlength=len(ops))
-                  for layer in range(LAYERS_PER_STAGE)]) / len(choices)
+                  for layer in range(space.layers)]) / len(choices)
     out[stage_name(s)] = (p ** 2).sum(axis=1)
   return out
 
@@ -118,7 +121,7 @@ def estimated_chance_agreement(space: SearchSpace, limits: DeriveLimits,
   for s, ops in enumerate(space.candidates):
     picks = np.asarray([[ops.index(op) for op in g.stages[s]] for g in genotypes])
     counts = np.stack([np.bincount(picks[:, layer], minlength=len(ops))
-                       for layer in range(LAYERS_PER_STAGE)]).astype(np.float64)
+                       for layer in range(space.layers)]).astype(np.float64)
     out[stage_name(s)] = (counts * (counts - 1)).sum(axis=1) / (draws * (draws - 1))
   return out
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from fanas_jax.cost import network_cost
 from fanas_jax.data.datasets import get_dataset, stage_dataset
-from fanas_jax.genotype import (LAYERS_PER_STAGE, NUM_STAGES, DeriveLimits, Genotype,
+from fanas_jax.genotype import (NUM_STAGES, DeriveLimits, Genotype,
                                 SearchSpace, stage_name)
 from fanas_jax.registry import Registry
 
@@ -39,7 +39,7 @@ def log_softmax(alpha: np.ndarray) -> np.ndarray:
 def _stage_constrained(logp: np.ndarray, ops: tuple[str, ...],
                        limits: DeriveLimits) -> tuple[str, ...]:
   best, best_score = None, -np.inf
-  for choice in itertools.product(range(len(ops)), repeat=LAYERS_PER_STAGE):
+  for choice in itertools.product(range(len(ops)), repeat=len(logp)):
     score = sum(logp[l, c] for l, c in enumerate(choice))
     if score > best_score and not limits.violations([ops[c] for c in choice]):
       best, best_score = choice, score
@@ -51,7 +51,7 @@ def _stage_constrained(logp: np.ndarray, ops: tuple[str, ...],
 def _stage_greedy(logp: np.ndarray, ops: tuple[str, ...],
                   limits: DeriveLimits) -> tuple[str, ...]:
   chosen: list[str] = []
-  for layer in range(LAYERS_PER_STAGE):
+  for layer in range(len(logp)):
     for c in np.argsort(-logp[layer], kind="stable"):  # ties: the first op
       if not limits.violations(chosen + [ops[c]]):
         chosen.append(ops[c])
@@ -104,6 +104,11 @@ def budget_from_config(config: Any) -> Budget:
 def derive(alphas: Mapping[str, np.ndarray], space: SearchSpace, rule: str = "constrained",
            limits: DeriveLimits = DeriveLimits(), budget: Budget | None = None) -> Genotype:
   stage_rule = DERIVE_RULES.get(rule, key="derive.rule")
+  for name, shape in space.alpha_shapes().items():
+    if np.shape(alphas[name]) != shape:
+      raise ValueError(
+          f"alpha {name} is {np.shape(alphas[name])}, where the search space's is {shape} "
+          "(search.layers_per_stage, candidates); derive with the search's space.")
   logps = [log_softmax(np.asarray(alphas[stage_name(s)])) for s in range(NUM_STAGES)]
   if budget is not None and budget.active:
     if rule not in BUDGET_RULES:
@@ -123,7 +128,7 @@ def layer_costs(space: SearchSpace, budget: Budget) -> tuple[np.ndarray, np.ndar
                        in_channels=budget.in_channels, stem=budget.stem,
                        num_classes=budget.num_classes, preprocess_affine=True)
   n_ops = max(len(c) for c in space.candidates)
-  per_op = np.zeros((NUM_STAGES, LAYERS_PER_STAGE, n_ops, 2), np.int64)
+  per_op = np.zeros((NUM_STAGES, space.layers, n_ops, 2), np.int64)
   fixed = np.zeros(2, np.int64)
   for row in table.layers:
     parts = row.layer.split("_layer")
@@ -155,7 +160,7 @@ def _pareto(score: np.ndarray, cost: np.ndarray) -> np.ndarray:
 def _derive_within_budget(logps: list[np.ndarray], space: SearchSpace, rule: str,
                           limits: DeriveLimits, budget: Budget) -> Genotype:
   fixed, per_op = layer_costs(space, budget)
-  # Per stage, a lower bound on its three layers' cost (cheapest op per layer).
+  # Per stage, a lower bound on its layers' cost (cheapest op per layer).
   floor = np.stack([per_op[t, :, :len(ops)].min(axis=1).sum(axis=0)
                     for t, ops in enumerate(space.candidates)])
   caps = np.asarray([budget.max_params or np.iinfo(np.int64).max,
@@ -164,12 +169,12 @@ def _derive_within_budget(logps: list[np.ndarray], space: SearchSpace, rule: str
   score, cost = np.zeros(1), fixed[None].copy()
   choices: list[tuple] = [()]
   for s, ops in enumerate(space.candidates):
-    options = [c for c in itertools.product(range(len(ops)), repeat=LAYERS_PER_STAGE)
+    options = [c for c in itertools.product(range(len(ops)), repeat=space.layers)
                if rule == "argmax" or not limits.violations([ops[i] for i in c])]
     if not options:
       raise ValueError(f"No assignment of {list(ops)} satisfies the derive limits.")
     opt = np.asarray(options)
-    layers = np.arange(LAYERS_PER_STAGE)
+    layers = np.arange(space.layers)
     opt_score = logps[s][layers, opt].sum(axis=1)
     opt_cost = per_op[s, layers, opt].sum(axis=1)
     front = _pareto(opt_score, opt_cost)

@@ -41,7 +41,7 @@ def check_config(config: Any, stage: str) -> None:
   """Some network within the per-stage limits fits the caps (every registered op
   brings its cost function, so the cost of whatever is derived is known)."""
   del stage
-  space = search_space_from_config(config.search.candidates)
+  space = search_space_from_config(config.search)
   try:
     if config.derive.max_params or config.derive.max_macs:
       # Does any network within the limits fit? (Exact, milliseconds.)
@@ -75,7 +75,9 @@ def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> li
 def _agreement_table(agreement: dict[str, list[float]],
                      chance: dict[str, list[float]]) -> str:
   """One row per stage: each layer's agreement, with chance's in brackets."""
-  rows = ["| stage | layer 1 | layer 2 | layer 3 |", "|---|---|---|---|"]
+  layers = range(1, len(next(iter(agreement.values()))) + 1)
+  rows = ["| stage | " + " | ".join(f"layer {l}" for l in layers) + " |",
+          "|---|" + "---|" * len(layers)]
   for name in sorted(agreement):
     cells = [f"{a:.2f} ({c:.2f})" for a, c in zip(agreement[name], chance[name])]
     rows.append(f"| {name[len('stage'):]} | " + " | ".join(cells) + " |")
@@ -92,7 +94,7 @@ def derive_stage(config: Any, workdir: str, search_stage: str) -> dict[str, Any]
   """The final genotype from `search_stage`'s alphas (its selected epoch); from a
   search of several seeds, their consensus."""
   found = read_result(workdir, search_stage)
-  space = search_space_from_config(config.search.candidates)
+  space = search_space_from_config(config.search)
   limits = DeriveLimits(config.derive.max_window7, config.derive.max_global)
   budget = budget_from_config(config)
   if "seed_alphas" in found:

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fanas_jax import checks, evaluators, optim
-from fanas_jax.genotype import (LAYERS_PER_STAGE, NAMED_GENOTYPES, NUM_STAGES, Genotype,
+from fanas_jax.genotype import (NAMED_GENOTYPES, NUM_STAGES, Genotype,
                                 genotype_from_file, named_genotype, stage_name)
 from fanas_jax.logging_utils import note
 from fanas_jax.model import make_model, model_options
@@ -95,9 +95,10 @@ def architecture(variables: dict[str, Any], where: str,
   if any(len(v) > 1 for v in ops.values()):
     raise ConfigError(f"{key}={where!r} holds a supernet (several ops per "
                       "layer); fine-tune a derived network's weights.")
+  layers = max((l for _, l in ops), default=0)  # per stage; a missing layer fails below
   try:
     genotype = Genotype(tuple(tuple(ops[(stage_name(s), l + 1)][0]
-                                    for l in range(LAYERS_PER_STAGE))
+                                    for l in range(layers))
                               for s in range(NUM_STAGES)))
     width = int(backbone["stage1_pre_conv"]["kernel"].shape[-1])
   except (KeyError, ValueError) as e:

@@ -1,9 +1,10 @@
 """The stage-wise search space and the discrete architectures (genotypes) it contains.
 
 The network has five stages (normal, reduce, normal, reduce, normal) of three layers
-each. A search space lists, per stage, the candidate attention ops every layer of
-that stage chooses among; a genotype names the one op chosen for each of the 15
-layers. Both are plain data, so configs, JSON files and tests can hold them.
+each (`search.layers_per_stage`; the tests' tiny configs use one). A search space
+lists, per stage, the candidate attention ops every layer of that stage chooses
+among; a genotype names the one op chosen for each of the 15 layers. Both are plain
+data, so configs, JSON files and tests can hold them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fanas_jax.ops.layers import OPS, ORIGINAL_OPS
 
 STAGE_KINDS = ("normal", "reduce", "normal", "reduce", "normal")
 NUM_STAGES = len(STAGE_KINDS)
-LAYERS_PER_STAGE = 3
+LAYERS_PER_STAGE = 3  # the paper's; a search space may hold fewer or more
 # Each reduce stage halves the feature map, so the network (after its stem) divides
 # the image side by this; the CAR decoder also needs the stage-2 map to be >= 2x2.
 NETWORK_REDUCTION = 2 ** STAGE_KINDS.count("reduce")
@@ -29,8 +30,12 @@ def stage_name(stage: int) -> str:
 class SearchSpace:
   """Per-stage candidate op names; every layer of a stage shares its stage's list."""
   candidates: tuple[tuple[str, ...], ...]
+  layers: int = LAYERS_PER_STAGE  # per stage
 
   def __post_init__(self):
+    if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
+      raise ValueError(f"A stage needs at least one layer (search.layers_per_stage), "
+                       f"got {self.layers!r}.")
     if len(self.candidates) != NUM_STAGES:
       raise ValueError(
           f"A search space needs {NUM_STAGES} stages of candidates, got "
@@ -43,15 +48,16 @@ class SearchSpace:
       OPS.check_all(ops, key="search.candidates")
 
   @classmethod
-  def uniform(cls, ops: Sequence[str] = ORIGINAL_OPS) -> "SearchSpace":
-    return cls(tuple(tuple(ops) for _ in range(NUM_STAGES)))
+  def uniform(cls, ops: Sequence[str] = ORIGINAL_OPS,
+              layers: int = LAYERS_PER_STAGE) -> "SearchSpace":
+    return cls(tuple(tuple(ops) for _ in range(NUM_STAGES)), layers)
 
   def layer_ops(self) -> tuple[tuple[tuple[str, ...], ...], ...]:
     """[stage][layer] -> candidate ops, the form the network is built from."""
-    return tuple(tuple(ops for _ in range(LAYERS_PER_STAGE)) for ops in self.candidates)
+    return tuple(tuple(ops for _ in range(self.layers)) for ops in self.candidates)
 
   def alpha_shapes(self) -> dict[str, tuple[int, int]]:
-    return {stage_name(s): (LAYERS_PER_STAGE, len(ops))
+    return {stage_name(s): (self.layers, len(ops))
             for s, ops in enumerate(self.candidates)}
 
 
@@ -75,7 +81,8 @@ class DeriveLimits:
 
 @dataclasses.dataclass(frozen=True)
 class Genotype:
-  """One op per layer: stages[s][l] is the op of layer l of stage s."""
+  """One op per layer: stages[s][l] is the op of layer l of stage s; every stage has
+  the same number of layers (3 in the paper's network)."""
   stages: tuple[tuple[str, ...], ...]
 
   def __post_init__(self):
@@ -84,11 +91,16 @@ class Genotype:
       raise ValueError(
           f"A genotype has {NUM_STAGES} stages, got {len(self.stages)}.")
     for s, ops in enumerate(self.stages):
-      if len(ops) != LAYERS_PER_STAGE:
+      if not ops or len(ops) != len(self.stages[0]):
         raise ValueError(
-            f"{stage_name(s)} of the genotype has {len(ops)} layers; each stage has "
-            f"{LAYERS_PER_STAGE}.")
+            f"{stage_name(s)} of the genotype has {len(ops)} layers; every stage needs "
+            f"the same number, at least one (stage1 has {len(self.stages[0])}).")
       OPS.check_all(ops, key="genotype")
+
+  @property
+  def layers(self) -> int:
+    """Layers per stage."""
+    return len(self.stages[0])
 
   def check_limits(self, limits: DeriveLimits) -> None:
     for s, ops in enumerate(self.stages):
@@ -120,11 +132,12 @@ class Genotype:
 
   def table(self) -> str:
     """A fixed-width table, one row per stage, for logs and the summary."""
-    rows = ["| stage | kind | layer 1 | layer 2 | layer 3 |",
-            "|---|---|---|---|---|"]
+    layers = range(1, self.layers + 1)
+    rows = ["| stage | kind | " + " | ".join(f"layer {l}" for l in layers) + " |",
+            "|---|---|" + "---|" * self.layers]
     for s, ops in enumerate(self.stages):
       first = ops[0] + (" (stride 2)" if STAGE_KINDS[s] == "reduce" else "")
-      rows.append(f"| {s + 1} | {STAGE_KINDS[s]} | {first} | {ops[1]} | {ops[2]} |")
+      rows.append(f"| {s + 1} | {STAGE_KINDS[s]} | " + " | ".join((first,) + ops[1:]) + " |")
     return "\n".join(rows)
 
 
@@ -140,12 +153,13 @@ NAMED_GENOTYPES: dict[str, Genotype] = {
 }
 
 
-def search_space_from_config(candidates: Any) -> SearchSpace:
-  """Config value -> SearchSpace: a list of op names (all stages) or 5 lists."""
-  cands = list(candidates)
+def search_space_from_config(search: Any) -> SearchSpace:
+  """The config's `search` block -> SearchSpace: its candidates (a list of op names for
+  every stage, or 5 lists) and layers_per_stage."""
+  cands, layers = list(search.candidates), search.layers_per_stage
   if cands and all(isinstance(c, str) for c in cands):
-    return SearchSpace.uniform(cands)
-  return SearchSpace(tuple(tuple(c) for c in cands))
+    return SearchSpace.uniform(cands, layers)
+  return SearchSpace(tuple(tuple(c) for c in cands), layers)
 
 
 def genotype_from_file(path: str, key: str) -> Genotype:

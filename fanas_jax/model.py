@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fanas_jax.genotype import LAYERS_PER_STAGE, STAGE_KINDS, stage_name
+from fanas_jax.genotype import STAGE_KINDS, stage_name
 from fanas_jax.ops.attention import BORDERS, IMPLEMENTATIONS
 from fanas_jax.ops.layers import (STEMS, TORCH_KERNEL_INIT, Bottleneck, OpOptions,
                                   batch_norm, torch_bias_init, torch_conv)
@@ -126,7 +126,7 @@ class Backbone(nn.Module):
       x = torch_conv(width, x.shape[-1], dtype=self.dtype, name=f"{name}_pre_conv")(x)
       x = batch_norm(train, self.dtype, use_scale=affine, use_bias=affine,
                      name=f"{name}_pre_bn")(x)
-      for l in range(LAYERS_PER_STAGE):
+      for l in range(len(self.layer_ops[s])):
         stride = 2 if (kind == "reduce" and l == 0) else 1
         x = self._layer(s, l, width, stride, x, alphas, op_mask, path, train)
       features[name] = x

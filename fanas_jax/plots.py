@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fanas_jax.genotype import (LAYERS_PER_STAGE, NUM_STAGES, STAGE_KINDS, Genotype,
-                                stage_name)
+from fanas_jax.genotype import NUM_STAGES, STAGE_KINDS, Genotype, stage_name
 from fanas_jax.ops.layers import OPS
 
 
@@ -50,16 +49,17 @@ def plot_genotype(genotype: Genotype, path: str, title: str = "genotype") -> Non
   from matplotlib import patches
 
   colours = _family_colours()
-  fig, ax = plt.subplots(figsize=(2.0 * NUM_STAGES, 4.2))
+  layers = genotype.layers
+  fig, ax = plt.subplots(figsize=(2.0 * NUM_STAGES, 1.2 + 1.0 * layers))
   box_w, box_h = 0.8, 0.6
   for s, ops in enumerate(genotype.stages):
     x = s + 0.5
     widening = 2 ** STAGE_KINDS[:s + 1].count("reduce")
-    ax.text(x, LAYERS_PER_STAGE + 0.6,
+    ax.text(x, layers + 0.6,
             f"stage {s + 1}\n{STAGE_KINDS[s]}, {widening if widening > 1 else ''}C",
             ha="center", va="center", fontsize=10, fontweight="bold")
     for l, op in enumerate(ops):
-      y = LAYERS_PER_STAGE - l
+      y = layers - l
       stride2 = STAGE_KINDS[s] == "reduce" and l == 0
       ax.add_patch(patches.FancyBboxPatch(
           (x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02",
@@ -72,7 +72,7 @@ def plot_genotype(genotype: Genotype, path: str, title: str = "genotype") -> Non
         ax.annotate("", (x, y + box_h / 2), (x, y + 1 - box_h / 2),
                     arrowprops={"arrowstyle": "->", "color": "0.3"})
     if s:  # From the previous stage's last layer (y=1) to this stage's first.
-      ax.annotate("", (x - box_w / 2, LAYERS_PER_STAGE), (x - 1 + box_w / 2, 1),
+      ax.annotate("", (x - box_w / 2, layers), (x - 1 + box_w / 2, 1),
                   arrowprops={"arrowstyle": "->", "color": "0.6"})
   used = dict.fromkeys(op_family(op) for ops in genotype.stages for op in ops)
   handles = [patches.Patch(facecolor=colours[f], edgecolor="black", label=f)
@@ -82,7 +82,7 @@ def plot_genotype(genotype: Genotype, path: str, title: str = "genotype") -> Non
   ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02),
             ncol=len(handles), fontsize=8, frameon=False)
   ax.set_xlim(0, NUM_STAGES)
-  ax.set_ylim(0.4, LAYERS_PER_STAGE + 1)
+  ax.set_ylim(0.4, layers + 1)
   ax.axis("off")
   ax.set_title(title)
   fig.savefig(path, dpi=150, bbox_inches="tight")

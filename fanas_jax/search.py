@@ -79,7 +79,7 @@ def _objective_config(config: Any, cfg: Any, spec: Any) -> Any:
 def _supernet(ctx: StageContext) -> tuple[Any, Objective, Any]:
   """(search space, objective, supernet model) of the phase."""
   config, cfg, spec = ctx.config, ctx.cfg, ctx.build.spec(ctx.stage)
-  space = search_space_from_config(config.search.candidates)
+  space = search_space_from_config(config.search)
   objective = make_objective(cfg.objective, _objective_config(config, cfg, spec))
   model = make_model(space.layer_ops(), config.model.width, objective.head,
                      **model_options(config.model),
@@ -254,7 +254,7 @@ def check_config(config: Any, stage: str) -> None:
   if cfg.objective == "cpc":
     _check_cpc(cfg.cpc, size, checks.input_reduction(config), config.model.stem,
                f"{stage}.cpc")
-  space = search_space_from_config(config.search.candidates)
+  space = search_space_from_config(config.search)
   checks.check_width(config.model.width, {op for ops in space.candidates for op in ops},
                      "model.width")
   evaluators.check_config(cfg.get("evals"), f"{stage}.evals", head, spec.splits)
@@ -262,7 +262,7 @@ def check_config(config: Any, stage: str) -> None:
 
 def summary(config: Any, workdir: str, stage: str, result: dict[str, Any]) -> list[str]:
   """The phase's losses and entropies, and its alpha heatmap (drawn here)."""
-  candidates = search_space_from_config(config.search.candidates).candidates
+  candidates = search_space_from_config(config.search).candidates
   out_dir = os.path.join(workdir, stage)
   with open(os.path.join(out_dir, "alpha_history.json")) as f:
     history = json.load(f)

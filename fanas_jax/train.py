@@ -184,7 +184,7 @@ def check_genotype_config(config: Any) -> None:
 
 def check_network_width(config: Any, width: int, key: str) -> None:
   """`width` holds every op the trained genotype may hold (searched or named)."""
-  space = search_space_from_config(config.search.candidates)
+  space = search_space_from_config(config.search)
   search_ops = {op for ops in space.candidates for op in ops}
   checks.check_width(width, set(OPS.names()) & (search_ops | _named_ops()), key)
 

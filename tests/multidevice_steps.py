@@ -22,7 +22,7 @@ import numpy as np
 
 from fanas_jax.configs import quickstart
 from fanas_jax import host, optim, parallel
-from fanas_jax.genotype import named_genotype, search_space_from_config
+from fanas_jax.genotype import SearchSpace, named_genotype
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.steps import (TrainState, init_alphas, init_search_state, init_variables,
@@ -118,7 +118,7 @@ def _run(case: str, num_devices: int) -> dict[str, np.ndarray]:
       model = MixtureNet()
       alphas = {"mix": 0.1 * jax.random.normal(jax.random.key(1), (2, 3))}
     else:
-      space = search_space_from_config(CANDIDATES)
+      space = SearchSpace.uniform(CANDIDATES, layers=1)  # as the tiny configs
       head = {"car": ("car_decoder", dict(out_channels=1)),
               "supervised": ("classifier", dict(num_classes=10, dropout=0.0))}
       model = make_model(space.layer_ops(), WIDTH, head[objective_name][0],

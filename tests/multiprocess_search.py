@@ -25,7 +25,7 @@ from fanas_jax import host, optim, parallel
 from fanas_jax.loop import compile_step, peek
 from fanas_jax.data import pipeline
 from fanas_jax.data.datasets import get_dataset
-from fanas_jax.genotype import search_space_from_config
+from fanas_jax.genotype import SearchSpace
 from fanas_jax.model import make_model
 from fanas_jax.objectives import make_objective
 from fanas_jax.steps import init_alphas, init_search_state, make_search_step
@@ -49,7 +49,7 @@ def main(out_dir: str, process_id: str, num_processes: str, address: str = "") -
       shard_index=jax.process_index(), shard_count=jax.process_count())
       for half, seed in zip(halves, (0, 1)))
 
-  space = search_space_from_config(("local3_h4", "nonlocal"))
+  space = SearchSpace.uniform(("local3_h4", "nonlocal"), layers=1)  # as the tiny configs
   model = make_model(space.layer_ops(), 16, "classifier", num_classes=10, dropout=0.0,
                      zero_init_residual=True)   # as the quickstart (tests/multidevice_steps.py)
   objective = make_objective("supervised", ml_collections.ConfigDict(dict(

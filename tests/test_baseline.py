@@ -24,8 +24,12 @@ def test_legal_choices_count_matches_the_combinatorics():
   # sum over a 7x7 and g global layers of C(3,a) C(3-a,g) 2^a 4^(3-a-g).
   want = sum(math.comb(3, a) * math.comb(3 - a, g) * 2 ** a * 4 ** (3 - a - g)
              for a in (0, 1) for g in (0, 1))
-  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(1, 1))) == want == 256
-  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(None, None))) == 7 ** 3
+  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(1, 1), 3)) == want == 256
+  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(None, None), 3)) == 7 ** 3
+  two = sum(math.comb(2, a) * math.comb(2 - a, g) * 2 ** a * 4 ** (2 - a - g)
+            for a in (0, 1) for g in (0, 1))
+  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(1, 1), 2)) == two == 44
+  assert len(legal_stage_choices(ORIGINAL_OPS, DeriveLimits(1, 1), 1)) == 7
 
 
 def test_random_genotypes_are_legal_uniform_and_seeded():
@@ -37,7 +41,7 @@ def test_random_genotypes_are_legal_uniform_and_seeded():
   assert len(counts) > 240  # nearly all 256 legal assignments of stage 1 appear
   # Uniform over the 256: a chi-square test at the 0.1% level.
   observed = np.asarray([counts.get(tuple(ORIGINAL_OPS[i] for i in c), 0)
-                         for c in legal_stage_choices(ORIGINAL_OPS, limits)])
+                         for c in legal_stage_choices(ORIGINAL_OPS, limits, 3)])
   assert stats.chisquare(observed).pvalue > 1e-3
   again = random_genotypes(space, limits, None, 5, np.random.default_rng(0))
   assert again == draws[:5]
@@ -102,7 +106,8 @@ def test_baseline_stage_ranks_the_trained_genotype(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(num_genotypes=0), "baseline.num_genotypes=0 must be at least 1"),
-    (dict(candidates=("nonlocal",)), "No assignment of ['nonlocal'] to stage1 satisfies"),
+    (dict(candidates=("nonlocal",), layers_per_stage=2),
+     "No assignment of ['nonlocal'] to stage1 satisfies"),
 ])
 def test_bad_baseline_config_fails_before_compute(change, message):
   from fanas_jax.config_checks import ConfigError, validate
@@ -111,7 +116,7 @@ def test_bad_baseline_config_fails_before_compute(change, message):
   c.train.genotype = "original"
   validate(c)
   if "candidates" in change:
-    c.search.candidates = change["candidates"]
+    c.search.update(change)
   else:
     c.baseline.update(change)
   with pytest.raises(ConfigError, match=re.escape(message)):

@@ -1,6 +1,7 @@
 """Genotype data and the derive rules, against exhaustive references."""
 import itertools
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -14,9 +15,9 @@ LIMITS = DeriveLimits(1, 1)
 
 
 def _brute_force_best(logp, ops):
-  """Best legal score over every assignment of the 3 layers (independent of derive)."""
+  """Best legal score over every assignment of the layers (independent of derive)."""
   best = -np.inf
-  for choice in itertools.product(range(len(ops)), repeat=3):
+  for choice in itertools.product(range(len(ops)), repeat=len(logp)):
     names = [ops[c] for c in choice]
     n7 = sum(n.startswith("local7") for n in names)
     ng = sum(n == "nonlocal" for n in names)
@@ -25,14 +26,15 @@ def _brute_force_best(logp, ops):
   return best
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_constrained_derive_is_the_exhaustive_optimum(seed):
+@pytest.mark.parametrize("seed, layers", [(s, 3) for s in range(6)] + [(0, 2), (1, 4)])
+def test_constrained_derive_is_the_exhaustive_optimum(seed, layers):
   rng = np.random.default_rng(seed)
-  alphas = {f"stage{s + 1}": rng.normal(size=(3, 7)) * 3 for s in range(5)}
+  alphas = {f"stage{s + 1}": rng.normal(size=(layers, 7)) * 3 for s in range(5)}
   # Push some stages towards breaking the limits so the constraint binds.
   alphas["stage1"][:, ORIGINAL_OPS.index("local7_h4")] += 10
   alphas["stage5"][:, ORIGINAL_OPS.index("nonlocal")] += 10
-  g = derive(alphas, SPACE, "constrained", LIMITS)
+  g = derive(alphas, SearchSpace.uniform(layers=layers), "constrained", LIMITS)
+  assert g.layers == layers
   g.check_limits(LIMITS)
   for s in range(5):
     logp = log_softmax(alphas[f"stage{s + 1}"])
@@ -50,6 +52,13 @@ def test_argmax_ignores_limits():
   with pytest.raises(ValueError, match="breaks the derive limits"):
     g.check_limits(LIMITS)
   assert derive(alphas, SPACE, "constrained", LIMITS).stages[1].count("nonlocal") == 1
+
+
+def test_alphas_of_another_space_are_refused():
+  alphas = {f"stage{s + 1}": np.zeros((3, 7)) for s in range(5)}
+  with pytest.raises(ValueError, match=r"alpha stage1 is \(3, 7\), where the search "
+                                       r"space's is \(1, 7\)"):
+    derive(alphas, SearchSpace.uniform(layers=1), "constrained", LIMITS)
 
 
 def test_unknown_rule_lists_choices():
@@ -73,16 +82,27 @@ def test_genotype_json_round_trip_and_validation():
     Genotype((("local9_h4", "local3_h4", "local3_h4"),) + g.stages[1:])
   with pytest.raises(ValueError, match="5 stages"):
     Genotype(g.stages[:4])
-  with pytest.raises(ValueError, match="3"):
+  with pytest.raises(ValueError, match="stage2 of the genotype has 3 layers; every stage"):
     Genotype((("local3_h4",),) + g.stages[1:])
 
 
+def _search(candidates, layers_per_stage=3):
+  return ml_collections.ConfigDict(dict(candidates=candidates,
+                                        layers_per_stage=layers_per_stage))
+
+
 def test_search_space_from_config():
-  assert search_space_from_config(list(ORIGINAL_OPS)) == SPACE
+  assert search_space_from_config(_search(list(ORIGINAL_OPS))) == SPACE
   per_stage = [["local3_h4", "nonlocal"]] * 5
-  assert search_space_from_config(per_stage).alpha_shapes()["stage3"] == (3, 2)
+  assert search_space_from_config(_search(per_stage)).alpha_shapes()["stage3"] == (3, 2)
+  one = search_space_from_config(_search(per_stage, 1))
+  assert one.alpha_shapes()["stage3"] == (1, 2)
+  assert one.layer_ops()[2] == (("local3_h4", "nonlocal"),)
   with pytest.raises(ValueError, match="valid choices"):
-    search_space_from_config(["local3_h4", "conv3"])
+    search_space_from_config(_search(["local3_h4", "conv3"]))
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="search.layers_per_stage"):
+      search_space_from_config(_search(per_stage, bad))
   assert set(ORIGINAL_OPS) <= set(OPS.names())
 
 

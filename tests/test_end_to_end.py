@@ -42,7 +42,7 @@ def test_pipeline_writes_every_output(finished_run):
   genotype = Genotype.from_dict(record["genotype"])
   assert all(op in default.TINY_CANDIDATES[s] for s, ops in enumerate(genotype.stages)
              for op in ops)
-  assert sum(len(ops) for ops in genotype.stages) == 15
+  assert [len(ops) for ops in genotype.stages] == [default.TINY_LAYERS_PER_STAGE] * 5
   genotype.check_limits(DeriveLimits(1, 1))
   assert record["rule"] == "constrained" and record["from_stage"] == "search_phase2"
 
@@ -62,14 +62,14 @@ def test_pipeline_writes_every_output(finished_run):
   search = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
             if '"search_phase1"' in l]
   probs = [search[-1][f"alpha/stage1/layer1/{op}"] for op in default.TINY_CANDIDATES[0]]
-  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage1/layer3"] <= np.log(2)
+  assert abs(sum(probs) - 1) < 1e-6 and 0 < search[-1]["entropy/stage1/layer1"] <= np.log(2)
   # A one-op layer is decided from the start: entropy 0, top-op probability 1.
-  assert search[-1]["entropy/stage5/layer3"] == 0 and search[-1]["top_prob/stage5/layer3"] == 1
+  assert search[-1]["entropy/stage5/layer1"] == 0 and search[-1]["top_prob/stage5/layer1"] == 1
   # How decided: the logged top-op probability and margin are those of the logged mixture.
   top2 = sorted(probs)[-2:]
   assert abs(search[-1]["top_prob/stage1/layer1"] - top2[1]) < 1e-6
   assert abs(search[-1]["margin/stage1/layer1"] - (top2[1] - top2[0])) < 1e-6
-  assert 0 <= search[-1]["decided_layers"] <= search[-1]["layers"] == 15
+  assert 0 <= search[-1]["decided_layers"] <= search[-1]["layers"] == 5
   # The tiny run's 22 alpha steps ask for more than the cap: 1000 x a_lr.
   assert ("alpha lr 0.3 x 22 alpha steps = 6.6 (a_lr=0.0003 x 1000 = alpha_lr_scale_max;"
           in proc.stdout)

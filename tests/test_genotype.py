@@ -37,11 +37,20 @@ def test_wrong_number_of_stages(count):
     Genotype(stages)
 
 
-@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("layers", [0, 2, 4])
 def test_wrong_number_of_layers_names_the_stage(layers):
-  with pytest.raises(ValueError,
-                     match=f"stage4 of the genotype has {layers} layers; each stage has 3."):
+  with pytest.raises(ValueError, match=f"stage4 of the genotype has {layers} layers; "
+                                       "every stage needs the same number"):
     Genotype(_with_stage(3, ("local3_h4",) * layers))
+
+
+def test_a_genotype_of_one_layer_per_stage():
+  g = Genotype((("local3_h4",), ("local5_h8",), ("nonlocal",), ("local7_h4",),
+                ("local3_h8",)))
+  assert g.layers == 1 and g.layer_ops()[1] == (("local5_h8",),)
+  assert Genotype.from_json(g.to_json()) == g
+  assert g.table().splitlines()[:3] == [
+      "| stage | kind | layer 1 |", "|---|---|---|", "| 1 | normal | local3_h4 |"]
 
 
 @pytest.mark.parametrize("stage, ops, problem", [

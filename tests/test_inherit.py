@@ -12,7 +12,7 @@ from fanas_jax.configs import quickstart
 from fanas_jax import experiment, inherit
 from fanas_jax.checkpoint import StageCheckpointer
 from fanas_jax.config_checks import validate
-from fanas_jax.genotype import named_genotype, search_space_from_config
+from fanas_jax.genotype import SearchSpace, named_genotype
 from fanas_jax.model import make_model
 from fanas_jax.ops.layers import ORIGINAL_OPS
 from fanas_jax.registry import ConfigError
@@ -25,7 +25,7 @@ ORIGINAL = named_genotype("original")
 
 
 def _supernet(candidates=tuple(ORIGINAL_OPS), num_classes=10):
-  space = search_space_from_config(candidates)
+  space = SearchSpace.uniform(candidates)
   model = make_model(space.layer_ops(), 16, "classifier", num_classes=num_classes)
   alphas = {k: jnp.zeros(v) for k, v in space.alpha_shapes().items()}
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(SHAPE), alphas)

@@ -94,7 +94,7 @@ def test_vmapped_step_gives_each_seed_its_single_step():
   # Both ops in every stage: with default.TINY_CANDIDATES (stage 1 mixed) an L1 kink
   # of seed 1 flips under the rounding below, and the single step's own a_loss moves
   # by 2.3e-5, past the 1e-5 bound on losses (measured on jax 0.10.2).
-  space = SearchSpace.uniform(("local3_h4", "nonlocal"))
+  space = SearchSpace.uniform(("local3_h4", "nonlocal"), layers=1)  # as the tiny configs
   cfg = default.search_phase(objective="car", box_size=2, a_lr=0.05)
   objective = make_objective("car", ml_collections.ConfigDict(
       dict(image_size=8, num_boxes=4, box_size=2)))

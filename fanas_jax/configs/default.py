@@ -10,9 +10,16 @@ from fanas_jax.ops.layers import ORIGINAL_OPS
 STAGES = "search_phase1,search_phase2,derive,train,retrieval"
 # The tiny variants' search space (quickstart.py:tiny, paper/cifar_search.py:tiny). Its
 # compile time grows with the bottlenecks it traces, so only stage 1 mixes two
-# candidates (6 bottlenecks) and stages 2-5 hold one op each (12): 18, against 30 with
-# both candidates in every stage.
+# candidates and stages 2-5 hold one op each, in one layer per stage: 6 bottlenecks,
+# against 30 with both candidates in every stage's 3 layers.
 TINY_CANDIDATES = (("local3_h4", "nonlocal"),) + (("local3_h4",),) * 4
+TINY_LAYERS_PER_STAGE = 1
+
+
+def tiny_search_space(c: ml_collections.ConfigDict) -> None:
+  """The tiny variants' search space, set on config c."""
+  c.search.candidates = TINY_CANDIDATES
+  c.search.layers_per_stage = TINY_LAYERS_PER_STAGE
 
 
 def evals(**entries) -> ml_collections.ConfigDict:
@@ -113,6 +120,7 @@ def _search() -> ml_collections.ConfigDict:
   # One tuple of op names for every stage, or a tuple of 5 tuples (one per stage).
   return ml_collections.ConfigDict(dict(
       candidates=tuple(ORIGINAL_OPS),
+      layers_per_stage=3,     # the paper's 3; a reduce stage's first one has stride 2
       # N > 1: each search phase runs N independent searches in one compiled program;
       # seed s is the single search with seed + s (its own init, data order, masks
       # and noise). result.json gives seed 0's keys plus every seed's alphas and

@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 from fanas_jax.genotype import (
-  LAYERS_PER_STAGE,
   NAMED_GENOTYPES,
   STAGE_KINDS,
   Genotype,
@@ -155,7 +154,7 @@ def network_cost(layer_ops: LayerOps, width: int, image_size: int, *,
     pre = conv_cost(channels, features, h * w) + batch_norm_cost(features, affine)
     rows.append(_row(f"{name}_pre", "conv1x1+bn", (h, w, features), pre))
     channels = features
-    for l in range(LAYERS_PER_STAGE):
+    for l in range(len(layer_ops[s])):
       stride = 2 if (kind == "reduce" and l == 0) else 1
       if stride == 2 and (h % 2 or w % 2):
         raise ValueError(f"{name} halves an odd {h}x{w} map; use an image_size "

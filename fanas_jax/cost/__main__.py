@@ -58,7 +58,7 @@ def main(argv: Sequence[str]) -> None:
     if f.supernet:
       if f.genotype is not None:
         raise ValueError("give --genotype or --supernet, not both.")
-      layer_ops = search_space_from_config(config.search.candidates).layer_ops()
+      layer_ops = search_space_from_config(config.search).layer_ops()
       width = f.width or config.model.width
     else:
       layer_ops = load_genotype(f.genotype or "original").layer_ops()

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
                               flip=True, w_lr_min=0.0,
                               init_alpha_from="search_phase1"))
   if "tiny" in variants:
-    c.search.candidates = default.TINY_CANDIDATES  # 2 ops in stage 1, 1 in the others
+    default.tiny_search_space(c)  # 1 layer per stage; 2 ops in stage 1, 1 in the others
     for phase in (c.search_phase1, c.search_phase2):
       phase.epochs = 1
       phase.batch_size = 8
