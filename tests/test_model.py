@@ -1,10 +1,12 @@
 """The one network definition: supernet mixture vs derived network."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fanas_jax.genotype import NAMED_GENOTYPES, SearchSpace
+from fanas_jax import steps
+from fanas_jax.genotype import NAMED_GENOTYPES, Genotype, SearchSpace
 from fanas_jax.model import make_model, stage_widths
 
 CANDIDATES = ("local3_h4", "local5_h8", "nonlocal")
@@ -166,3 +168,34 @@ def test_supernet_without_alphas_is_an_error():
   model = make_model(SPACE.layer_ops(), 16, "classifier", num_classes=10)
   with pytest.raises(ValueError, match="needs alphas"):
     model.init(jax.random.key(0), X)
+
+
+@pytest.mark.parametrize("impl", ["per_op", "stacked_window"])
+def test_init_variables_are_bitwise_those_of_flax_init(impl):
+  """init_variables runs only the initializers (the network's init, dead code
+  eliminated): the same variables, bitwise, as flax's lazy_init."""
+  space = SearchSpace.uniform(("local3_h4", "local5_h4", "nonlocal"), layers=1)
+  supernet = make_model(space.layer_ops(), 16, "classifier", num_classes=10,
+                        supernet_impl=impl, attention_impl="blocked")
+  alphas = {k: jnp.zeros(v) for k, v in space.alpha_shapes().items()}
+  genotype = Genotype((("local3_h4",), ("local5_h8",), ("nonlocal",), ("local7_h4",),
+                       ("local3_h8",)))
+  derived = make_model(genotype.layer_ops(), 16, "classifier", num_classes=10)
+  rng, x = jax.random.key(3), jnp.zeros((1, 8, 8, 1))
+  for model, extra in ((supernet, (alphas,)), (derived, ())):
+    got = steps.init_variables(model, rng, x.shape, *extra)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (x, *extra))
+    want = model.lazy_init(rng, *shapes)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_init_variables_refuses_a_variable_computed_from_the_input():
+  class FromInput(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return self.variable("batch_stats", "mean", lambda: x.mean(0)).value
+
+  with pytest.raises(ValueError, match="depends on the network's input or alphas"):
+    steps.init_variables(FromInput(), jax.random.key(0), (2, 3))
