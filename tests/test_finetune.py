@@ -122,7 +122,7 @@ def test_frozen_parts_and_bn_statistics_do_not_move_and_the_head_steps_at_its_mu
                                    _numpy(variables["batch_stats"])))
 
   # The step by hand: the clipped gradient of the trainable parameters only, plus decay.
-  grads = jax.grad(lambda p: _loss(model, p, variables["batch_stats"]))(params)
+  grads = jax.jit(jax.grad(lambda p: _loss(model, p, variables["batch_stats"])))(params)
   trainable = jax.tree.map(lambda g, l: g if l != optim.FROZEN else jnp.zeros_like(g),
                            grads, labels)
   scale = jnp.minimum(1.0, cfg.grad_clip / optax.tree.norm(trainable))
@@ -155,9 +155,12 @@ def test_frozen_bn_normalises_with_the_running_statistics(pretrained_file):
   variables = finetune.start_from(finetune.load_pretrained(path, ""))(
       init_variables(model, jax.random.key(7), SHAPE))
   x = np.random.default_rng(1).normal(size=(4,) + SHAPE[1:]).astype(np.float32)
-  train_out, _ = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
-  np.testing.assert_array_equal(train_out, model.apply(variables, x, train=False))
-  batch_out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  train_out, _ = jax.jit(lambda v: frozen.apply(v, x, train=True,
+                                                 mutable=["batch_stats"]))(variables)
+  np.testing.assert_array_equal(
+      train_out, jax.jit(lambda v: model.apply(v, x, train=False))(variables))
+  batch_out, _ = jax.jit(lambda v: model.apply(v, x, train=True,
+                                              mutable=["batch_stats"]))(variables)
   assert not np.allclose(batch_out, train_out)
 
 

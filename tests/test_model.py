@@ -44,13 +44,13 @@ def test_stage_widths_double_at_reduce_stages():
 def test_one_hot_supernet_equals_derived_network_with_its_weights():
   supernet = make_model(SPACE.layer_ops(), 16, "classifier", num_classes=10)
   alphas = {k: jnp.zeros(v) for k, v in SPACE.alpha_shapes().items()}
-  variables = supernet.init(jax.random.key(1), X, alphas)
+  variables = steps.init_variables(supernet, jax.random.key(1), X.shape, alphas)
   genotype = [["local5_h8", "local3_h4", "nonlocal"], ["local3_h4"] * 3,
               ["nonlocal", "local5_h8", "local5_h8"], ["local5_h8"] * 3,
               ["local3_h4", "nonlocal", "local3_h4"]]
   derived = make_model(tuple(tuple((op,) for op in ops) for ops in genotype), 16,
                        "classifier", num_classes=10)
-  derived_init = derived.init(jax.random.key(1), X)
+  derived_init = steps.init_variables(derived, jax.random.key(1), X.shape)
 
   # Inherit: the derived net's param paths are the supernet's, except the stage
   # preprocess BN's scale and bias (not affine in the supernet: 1 and 0).
@@ -59,8 +59,8 @@ def test_one_hot_supernet_equals_derived_network_with_its_weights():
             for k, v in like.items()}
   sup_vars = perturb(variables, 5)
   inherited = {c: subtree(sup_vars[c], derived_init[c]) for c in derived_init}
-  want = derived.apply(inherited, X)
-  got = supernet.apply(sup_vars, X, _one_hot_alphas(genotype))
+  want = jax.jit(derived.apply)(inherited, X)
+  got = jax.jit(supernet.apply)(sup_vars, X, _one_hot_alphas(genotype))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(want)).max() > 1e-3
 
@@ -69,10 +69,10 @@ def test_supernet_output_depends_on_alphas_and_has_alpha_gradients():
   model = make_model(SPACE.layer_ops(), 16, "car_decoder", out_channels=1)
   alphas = {k: 0.5 * jax.random.normal(jax.random.key(i), v)
             for i, (k, v) in enumerate(SPACE.alpha_shapes().items())}
-  variables = perturb(model.init(jax.random.key(2), X, alphas), 3)
-  out = model.apply(variables, X, alphas)
+  variables = perturb(steps.init_variables(model, jax.random.key(2), X.shape, alphas), 3)
+  out = jax.jit(model.apply)(variables, X, alphas)
   assert out.shape == X.shape
-  grads = jax.grad(lambda a: jnp.sum(model.apply(variables, X, a) ** 2))(alphas)
+  grads = jax.jit(jax.grad(lambda a: jnp.sum(model.apply(variables, X, a) ** 2)))(alphas)
   for name, g in grads.items():
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
 
@@ -117,7 +117,7 @@ def test_op_mask_equals_the_supernet_without_the_masked_ops():
                      num_classes=10)
   alphas = {k: jax.random.normal(jax.random.key(i), v)
             for i, (k, v) in enumerate(SPACE.alpha_shapes().items())}
-  variables = perturb(full.init(jax.random.key(4), X, alphas), 6)
+  variables = perturb(steps.init_variables(full, jax.random.key(4), X.shape, alphas), 6)
   small_shapes = jax.eval_shape(small.init, jax.random.key(4), X,
                                 {k: a[:, :2] for k, a in alphas.items()})
   sub = lambda src, like: {k: sub(src[k], v) if isinstance(v, dict) else src[k]
@@ -126,9 +126,9 @@ def test_op_mask_equals_the_supernet_without_the_masked_ops():
   mask = {k: jnp.asarray([[op in kept for op in CANDIDATES]] * 3) for k in alphas}
 
   masked = lambda a: full.apply(variables, X, a, op_mask=mask)
-  want = small.apply(small_vars, X, {k: a[:, :2] for k, a in alphas.items()})
-  np.testing.assert_allclose(masked(alphas), want, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda a: jnp.sum(masked(a) ** 2))(alphas)
+  want = jax.jit(small.apply)(small_vars, X, {k: a[:, :2] for k, a in alphas.items()})
+  np.testing.assert_allclose(jax.jit(masked)(alphas), want, rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(lambda a: jnp.sum(masked(a) ** 2)))(alphas)
   for name, g in grads.items():
     assert np.all(g[:, 2] == 0) and np.abs(g[:, :2]).max() > 0, name
 
@@ -139,8 +139,9 @@ def test_blocked_and_scan_attention_give_the_same_supernet():
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
   models = [make_model(SPACE.layer_ops(), 16, "classifier", num_classes=10,
                        attention_impl=impl) for impl in ("blocked", "scan")]
-  variables = perturb(models[0].init(jax.random.key(3), x, alphas), 7)
-  blocked, scan = (m.apply(variables, x, alphas) for m in models)
+  variables = perturb(steps.init_variables(models[0], jax.random.key(3), x.shape, alphas),
+                      7)
+  blocked, scan = (jax.jit(m.apply)(variables, x, alphas) for m in models)
   np.testing.assert_allclose(blocked, scan, rtol=1e-4, atol=1e-5)
 
 
