@@ -231,7 +231,7 @@ def _single_op_rows(a: argparse.Namespace, mesh: Any, size: int) -> list[dict[st
   w_batch = _synthetic_batch(batch, size, 3, 10, mesh)
   rows = []
   for op in a.search_ops[:max(a.search_candidates)]:
-    layer_ops = Genotype(((op,) * LAYERS_PER_STAGE,) * NUM_STAGES).layer_ops()
+    layer_ops = Genotype(((op,) * a.search_layers,) * NUM_STAGES).layer_ops()
     model = make_model(layer_ops, a.search_width, objective.head, dtype=DTYPES[a.dtype],
                        attention_impl=a.impls[0], out_channels=3)
     variables = steps.init_variables(model, jax.random.key(0), (1, size, size, 3))
@@ -242,7 +242,7 @@ def _single_op_rows(a: argparse.Namespace, mesh: Any, size: int) -> list[dict[st
     rows.append(dict(
         name=f"single-op network {op}, weight step (C={a.search_width}, {size}x{size})",
         kind="single op", op=op, step="weight", image_size=size, devices=mesh.size,
-        batch=batch, macs=macs, **_variable_summary(variables["params"]), **result))
+        layers_per_stage=a.search_layers, batch=batch, macs=macs, **_variable_summary(variables["params"]), **result))
   return rows
 
 
@@ -262,7 +262,7 @@ def _supernet(a: argparse.Namespace, size: int, impl: str,
               ops: Sequence[str]) -> tuple[Any, Any, Any, Any, Any]:
   """The search flags' supernet of `ops` at map side `size` under the CAR objective,
   with its weight and alpha optimizers: (space, objective, model, w_tx, a_tx)."""
-  space, objective = SearchSpace.uniform(ops), _car_objective(size)
+  space, objective = SearchSpace.uniform(ops, a.search_layers), _car_objective(size)
   model = make_model(space.layer_ops(), a.search_width, objective.head,
                      dtype=DTYPES[a.dtype], attention_impl=a.impls[0],
                      supernet_impl=impl, out_channels=3)
@@ -294,7 +294,7 @@ def _search_rows_at(a: argparse.Namespace, mesh: Any, size: int, impl: str,
   label = f"{len(ops)} ops, {impl}, C={width}, {size}x{size}"
   common = dict(kind="search", image_size=size, devices=mesh.size, supernet_impl=impl,
                 num_candidates=len(ops), candidates=list(ops),
-                **_variable_summary(state.params))
+                layers_per_stage=a.search_layers, **_variable_summary(state.params))
   rows = [dict(name=f"supernet weight step ({label})", step="weight", batch=batch,
                macs=macs, **common, **weight)]
   for mode in a.search_modes:
@@ -642,7 +642,8 @@ def _nets_problems(a: argparse.Namespace) -> list[str]:
   if a.search_width % 16:
     problems.append(f"--search_width {a.search_width} must be a multiple of 16 (its "
                     "ops split width/2 channels into up to 8 heads)")
-  return problems + _positive(a, "net_batch", "search_batch", "search_width")
+  return problems + _positive(a, "net_batch", "search_batch", "search_width",
+                              "search_layers")
 
 
 def _search_problems(a: argparse.Namespace) -> list[str]:
@@ -753,6 +754,9 @@ def _nets_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--search_width", type=int, default=16)
   g.add_argument("--search_batch", type=int, default=32,
                  help="images per device in each half of a search step")
+  g.add_argument("--search_layers", type=int, default=LAYERS_PER_STAGE,
+                 help="layers per stage of the supernets and single-op networks (the "
+                      "paper's 3; search.layers_per_stage)")
   g.add_argument("--search_modes", default=",".join(steps.SEARCH_MODES))
   g.add_argument("--search_ops", default=",".join(ORIGINAL_OPS),
                  help="the supernet's candidates (fewer compile faster on CPU)")

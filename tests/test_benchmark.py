@@ -35,6 +35,7 @@ def test_ops_suite_writes_rows_with_ratios_to_global(tmp_path, capsys):
     (["--seeds=1,4"], "--seeds takes seed counts of 2 or more"),
     (["--seeds=four"], "--seeds takes integers, got 'four'"),
     (["--seed_steps=0"], "--seed_steps must be positive"),
+    (["--search_layers=0"], "--search_layers must be positive"),
 ])
 def test_bad_arguments_are_refused_before_compute(args, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -49,7 +50,7 @@ def test_search_rows_time_each_supernet_impl_side_by_side(tmp_path):
   (two h4 ops: stacked shares one 5x5 attention, stacked_window runs one each)."""
   result = benchmark.main([
       "--suite=nets", "--nets=search", "--search_ops=local3_h4,local5_h4",
-      "--search_modes=", "--search_sizes=8", "--search_batch=2",
+      "--search_modes=", "--search_sizes=8", "--search_batch=2", "--search_layers=1",
       "--dtype=float32", "--iters=2", "--warmup=0", f"--json={tmp_path / 'b.json'}"])
   rows = result["rows"]
   assert [(r["supernet_impl"], r["image_size"]) for r in rows] == [
@@ -163,15 +164,16 @@ def test_candidates_sweep_and_single_op_ratio_in_one_run(tmp_path, capsys):
   benchmark.main([
       "--suite=nets", "--nets=search", f"--search_ops={','.join(ops)}",
       "--search_candidates=3,2", "--single_op_ratio", "--supernet_impls=per_op",
-      "--search_modes=", "--search_sizes=8", "--search_batch=2", "--dtype=float32",
-      "--iters=1", "--warmup=0", f"--json={path}"])
+      "--search_modes=", "--search_sizes=8", "--search_batch=2", "--search_layers=1",
+      "--dtype=float32", "--iters=1", "--warmup=0", f"--json={path}"])
   rows = json.loads(path.read_text())["rows"]
   singles, supernets = rows[:3], rows[3:]
   assert [(r["kind"], r["op"]) for r in singles] == [("single op", op) for op in ops]
   for row in singles:
     # The plain network of that op alone, as its own variable tree says.
     assert row["param_ops"] == [row["op"]] and row["image_size"] == 8
-    plain = Genotype(((row["op"],) * 3,) * 5).layer_ops()
+    assert row["layers_per_stage"] == 1
+    plain = Genotype(((row["op"],),) * 5).layer_ops()   # --search_layers=1
     assert row["backbone_params"] == cost.network_cost(plain, 16, 8).params
   assert [(r["num_candidates"], r["candidates"]) for r in supernets] == [
       (2, ops[:2]), (3, ops)]
@@ -179,7 +181,7 @@ def test_candidates_sweep_and_single_op_ratio_in_one_run(tmp_path, capsys):
     n = row["num_candidates"]
     assert row["kind"] == "search" and row["param_ops"] == sorted(ops[:n])
     assert row["backbone_params"] == cost.network_cost(
-        SearchSpace.uniform(ops[:n]).layer_ops(), 16, 8).params
+        SearchSpace.uniform(ops[:n], layers=1).layer_ops(), 16, 8).params
     total = sum(s["median_ms"] for s in singles[:n])
     assert row["single_op_sum_ms"] == pytest.approx(total)
     assert row["vs_single_ops"] == pytest.approx(row["median_ms"] / total)

@@ -180,7 +180,8 @@ def test_second_order_hypergradient_matches_finite_differences(optimizer):
 
 # ------------------------------------------------------------------- gumbel
 
-GUMBEL_SPACE = SearchSpace.uniform(("local3_h4", "nonlocal"))
+# One layer per stage (as the tiny configs): a mixture of a local and a global op in each.
+GUMBEL_SPACE = SearchSpace.uniform(("local3_h4", "nonlocal"), layers=1)
 TAU_MAX, TAU_MIN, TOTAL_STEPS = 5.0, 0.5, 4
 
 
@@ -388,7 +389,8 @@ def test_single_path_program_branches_once_per_layer():
   forward = lambda v, a, p: model.apply(v, x, a, path=p)
   sampled = jax.jit(lambda v, p: forward(v, None, p)).lower(variables, path).compile()
   mixture = jax.jit(lambda v, a: forward(v, a, None)).lower(variables, alphas).compile()
-  assert len(re.findall(r"\bconditional\(", sampled.as_text())) == 15
+  layers = sum(len(ops) for ops in GUMBEL_SPACE.layer_ops())
+  assert len(re.findall(r"\bconditional\(", sampled.as_text())) == layers == 5
   assert len(re.findall(r"\bconditional\(", mixture.as_text())) == 0
   assert sampled.cost_analysis()["flops"] < 0.9 * mixture.cost_analysis()["flops"]
 

@@ -136,7 +136,7 @@ def test_network_on_patches_is_causal_over_rows():
   in training mode batch norm shares batch moments across all patches)."""
   objective = _objective(image_size=12, patch_size=4, patch_stride=4,
                          embed_dim=8, context_heads=2)
-  model = make_model(SearchSpace.uniform(("local3_h4",)).layer_ops(), 16, "cpc",
+  model = make_model(SearchSpace.uniform(("local3_h4",), layers=1).layer_ops(), 16, "cpc",
                      **objective.head_config)
   images = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
   patches, _ = objective.make_inputs({"image": images}, jax.random.key(1))
@@ -175,12 +175,14 @@ SEARCH_STEPS = 40
 def digits_search():
   """A tiny two-op supernet searching with CPC on the real digits, batch 32, with the
   quickstart's zero-initialised residual branches (the authors' init starts this small
-  network far from chance). Mixtures in the first two stages (stride 1 and 2), one op
-  in the rest: the search trains the same way, with fewer bottlenecks to compile."""
+  network far from chance). One layer per stage, mixtures in the first two (stride 1
+  and 2), one op in the rest: the search trains the same way, with fewer bottlenecks to
+  compile."""
   cfg = default.search_phase(objective="cpc")
   objective = _objective()
   mixed = ("local3_h4", "nonlocal")
-  space = SearchSpace((mixed, mixed, ("local3_h4",), ("local3_h4",), ("local3_h4",)))
+  space = SearchSpace((mixed, mixed, ("local3_h4",), ("local3_h4",), ("local3_h4",)),
+                      layers=1)
   model = make_model(space.layer_ops(), 16, objective.head, zero_init_residual=True,
                      **objective.head_config)
   w_tx = optim.search_weight_optimizer(cfg, SEARCH_STEPS)

@@ -13,6 +13,7 @@ from fanas_jax.configs import default, quickstart
 from fanas_jax import evaluators, experiment, parallel
 from fanas_jax.objectives import box_mask, make_objective
 from fanas_jax.registry import ConfigError
+from tests import small_genotype
 
 IMAGE = 8
 
@@ -105,7 +106,7 @@ def test_bad_evals_are_one_line_naming_the_key(entry, message):
 def test_train_runs_its_evals_every_n_epochs_and_at_the_end(tmp_path):
   c = quickstart.get_config("tiny")
   c.stages = "train"
-  c.train.genotype = "original"
+  c.train.genotype = small_genotype.write(tmp_path / "genotype")
   c.train.split = "test"
   c.train.epochs = 3
   c.train.evals = default.evals(val=dict(type="top1", split="test", every_epochs=2))

@@ -23,6 +23,7 @@ from fanas_jax.registry import ConfigError
 from fanas_jax.steps import TrainState, init_variables, make_train_step
 from fanas_jax.train import FINAL_VARIABLES, load_final_variables
 from tests.conftest import ROOT
+from tests.small_genotype import SMALL
 
 SHAPE = (1, 8, 8, 1)
 ORIGINAL = named_genotype("original")
@@ -241,7 +242,7 @@ def test_train_a_genotype_file_then_fine_tune_it_through_the_command_line(tmp_pa
   the stem and stage 1 frozen and BN statistics frozen."""
   genotype_file = tmp_path / "shared" / "genotype.json"
   genotype_file.parent.mkdir()
-  genotype_file.write_text(json.dumps({"genotype": ORIGINAL.to_dict(), "rule": "shared"}))
+  genotype_file.write_text(json.dumps({"genotype": SMALL.to_dict(), "rule": "shared"}))
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "fanas_jax.main", "--config=configs/quickstart.py:tiny",
          f"--workdir={workdir}", "--config.stages=train,finetune",
@@ -250,7 +251,7 @@ def test_train_a_genotype_file_then_fine_tune_it_through_the_command_line(tmp_pa
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   trained = json.load(open(workdir / "train" / "result.json"))
-  assert Genotype.from_dict(trained["genotype"]) == ORIGINAL
+  assert Genotype.from_dict(trained["genotype"]) == SMALL
   result = json.load(open(workdir / "finetune" / "result.json"))
   assert result["pretrained"] == str(workdir / "train") and result["frozen"] == ["stem", "stage1"]
   assert 0.0 <= result["test_top1"] <= 1.0 and result["test_examples"] == 359

@@ -10,15 +10,16 @@ import pytest
 from fanas_jax.configs import quickstart
 from fanas_jax import experiment
 from fanas_jax.train import load_final_variables
+from tests import small_genotype
 from tests.interrupt import builder_dying_after_epoch
 
 WALL_CLOCK = ("time", "epoch_seconds")
 
 
-def _config():
+def _config(genotype):
   c = quickstart.get_config("tiny")
   c.stages = "train"
-  c.train.genotype = "original"
+  c.train.genotype = genotype
   c.train.epochs = 2            # 25 steps per epoch
   c.checkpoint.every_steps = 10  # checkpoints 10, 20, 25, 30, 40, 50
   return c
@@ -36,16 +37,17 @@ DyingBuilder = builder_dying_after_epoch(2)
 
 @pytest.mark.slow
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path):
+  genotype = small_genotype.write(tmp_path / "genotype")
   straight = str(tmp_path / "straight")
-  experiment.run(_config(), straight)
+  experiment.run(_config(genotype), straight)
 
   resumed = str(tmp_path / "resumed")
   with pytest.raises(KeyboardInterrupt):
-    experiment.run(_config(), resumed, builder=DyingBuilder)
+    experiment.run(_config(genotype), resumed, builder=DyingBuilder)
   assert not os.path.exists(os.path.join(resumed, "train", "result.json"))
   assert sorted(os.listdir(os.path.join(resumed, "train", "checkpoints"))) == ["30", "40"]
   assert [r["epoch"] for r in _metrics(resumed)] == [1, 2]
-  experiment.run(_config(), resumed)  # From checkpoint 40: 15 steps into epoch 2.
+  experiment.run(_config(genotype), resumed)  # From checkpoint 40: 15 steps into epoch 2.
 
   # Epoch 2's mean over steps 26-50 sums 15 restored steps and 10 new ones, exactly;
   # its record from before the kill is gone, so each record appears once.

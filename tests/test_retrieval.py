@@ -14,6 +14,7 @@ from fanas_jax import experiment, retrieval
 from fanas_jax.config_checks import validate
 from fanas_jax.objectives import make_objective, multi_similarity_loss
 from fanas_jax.registry import ConfigError
+from tests import small_genotype
 
 
 def _unit(x):
@@ -290,6 +291,7 @@ def test_bad_retrieval_config_is_one_line(options, message):
 @pytest.mark.slow
 def test_retrieval_stage_with_multi_similarity_reports_every_metric(tmp_path):
   c = _retrieval_config(loss="multi_similarity", epochs=1)
+  c.train.genotype = small_genotype.write(tmp_path / "genotype")
   result = experiment.run(c, str(tmp_path))
   r = result["retrieval"]
   assert r["loss"] == "multi_similarity" and set(r["recall"]) == {"1", "2", "4", "8"}

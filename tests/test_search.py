@@ -14,12 +14,12 @@ from fanas_jax.search import select_epoch
 from fanas_jax.steps import init_alphas, init_search_state, make_loss_fn, make_search_step
 from fanas_jax.configs import default
 
-# Mixtures in the first two stages (a stride-1 and a stride-2 mixture layer, a local
-# and a global op), one op in the rest: the step's bookkeeping (which batch, which
-# alphas, which update) is the same for any mixture, and each mixed layer is one
-# more bottleneck per candidate to compile, forward and backward, in both passes.
+# One layer per stage, mixtures in the first two (a stride-1 and a stride-2 mixture
+# layer, a local and a global op), one op in the rest: the step's bookkeeping (which
+# batch, which alphas, which update) is the same for any mixture, and each layer is
+# one more bottleneck per candidate to compile, forward and backward, in both passes.
 MIXED = ("local3_h4", "nonlocal")
-SPACE = SearchSpace((MIXED, MIXED, ("nonlocal",), ("nonlocal",), ("nonlocal",)))
+SPACE = SearchSpace((MIXED, MIXED, ("nonlocal",), ("nonlocal",), ("nonlocal",)), layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def _rel_diff(want, got):
 @pytest.fixture(scope="module")
 def variables():
   per_op, stacked = _models()
-  init = jax.jit(per_op.init)(jax.random.key(1), X, _alphas())
+  init = steps.init_variables(per_op, jax.random.key(1), X.shape, _alphas())
   # Both implementations build the same variable tree (initialisation runs the
   # per-op bottlenecks under both, so the values are the same code's).
   shapes = jax.eval_shape(stacked.init, jax.random.key(1), X, _alphas())
