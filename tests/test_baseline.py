@@ -81,7 +81,8 @@ def test_rank_stats_match_scipy_and_numpy(searched, random):
 def test_baseline_stage_ranks_the_trained_genotype(tmp_path):
   ops = ("local3_h4", "local5_h4", "nonlocal")
   genotype = tmp_path / "g.json"
-  genotype.write_text(json.dumps({f"stage{s}": ["local3_h4"] * 3 for s in range(1, 6)}))
+  # One layer per stage, as the random genotypes of the tiny search space.
+  genotype.write_text(json.dumps({f"stage{s}": ["local3_h4"] for s in range(1, 6)}))
   c = quickstart.get_config("tiny")
   c.stages = "train,baseline"
   c.search.candidates = ops
