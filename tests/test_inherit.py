@@ -18,21 +18,22 @@ from fanas_jax.ops.layers import ORIGINAL_OPS
 from fanas_jax.registry import ConfigError
 from fanas_jax.steps import SearchState, init_variables
 from fanas_jax.train import load_final_variables
+from tests import small_genotype
 from tests.test_model import _random_variables
 
 SHAPE = (1, 8, 8, 1)
 ORIGINAL = named_genotype("original")
 
 
-def _supernet(candidates=tuple(ORIGINAL_OPS), num_classes=10):
-  space = SearchSpace.uniform(candidates)
+def _supernet(candidates=tuple(ORIGINAL_OPS), num_classes=10, layers=3):
+  space = SearchSpace.uniform(candidates, layers)
   model = make_model(space.layer_ops(), 16, "classifier", num_classes=num_classes)
   alphas = {k: jnp.zeros(v) for k, v in space.alpha_shapes().items()}
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(SHAPE), alphas)
   return _random_variables(shapes, 3), alphas
 
 
-def _save_search(workdir, variables, alphas, step=12):
+def _save_search(workdir, variables, alphas, step=12, genotype=ORIGINAL):
   """A search phase's checkpoint as the search stage leaves it, and its result."""
   stage_dir = os.path.join(workdir, "search_phase2")
   ckpt = StageCheckpointer(os.path.join(stage_dir, "checkpoints"))
@@ -41,7 +42,7 @@ def _save_search(workdir, variables, alphas, step=12):
                               w_opt_state={}, a_opt_state={}), {"position": step})
   ckpt.close()
   with open(os.path.join(stage_dir, "result.json"), "w") as f:
-    json.dump({"genotype": ORIGINAL.to_dict()}, f)
+    json.dump({"genotype": genotype.to_dict()}, f)
   return stage_dir
 
 
@@ -112,7 +113,7 @@ def test_a_width_an_op_or_a_source_that_does_not_fit_is_refused(search_run, tmp_
 def _config(**train_keys):
   config = quickstart.get_config("tiny")
   config.stages = "train"
-  config.train.update(dict(genotype="original", **train_keys))
+  config.train.update(dict({"genotype": "original"}, **train_keys))
   return config
 
 
@@ -132,9 +133,11 @@ def test_config_check_refuses_an_unknown_init_a_width_and_a_missing_search(tmp_p
 
 @pytest.mark.slow
 def test_a_run_from_the_supernet_says_so_in_its_result_log_and_summary(tmp_path, capsys):
-  variables, alphas = _supernet()
-  _save_search(str(tmp_path), variables, alphas)
-  config = _config(init="supernet", width=16, epochs=1)
+  # One layer per stage: what is under test is the run's start and report, not the size.
+  variables, alphas = _supernet(layers=1)
+  _save_search(str(tmp_path), variables, alphas, genotype=small_genotype.SMALL)
+  config = _config(init="supernet", width=16, epochs=1,
+                   genotype=small_genotype.write(tmp_path / "genotype"))
   result = experiment.run(config, str(tmp_path))["train"]
   assert result["init"] == "supernet"
   assert result["init_from"].endswith(os.path.join("search_phase2", "checkpoints", "12"))
