@@ -16,7 +16,7 @@ from fanas_jax.ops import (BORDERS, AttentionStem, AxialAttention, Bottleneck,
                            OpOptions, STEMS, local_attention)
 from fanas_jax.ops.attention import default_block_size
 
-IMPLS = ("blocked", "scan")
+IMPLS = ("blocked", "scan", "dense")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -100,6 +100,7 @@ def test_local_attention_matches_brute_force(num_heads, channels, window,
     (11, 9, 7, 2),      # A halo spanning several blocks; padded last block.
     (16, 8, 3, 4),      # Exact tiling; a single block along the width.
     (9, 10, 7, 9),      # Block larger than the width: one padded block.
+    (5, 7, 5, 8),       # One padded block along both axes (by default: `dense`).
 ])
 def test_blocked_layouts_match_brute_force(height, width, window, block_size,
                                            border):
@@ -503,7 +504,7 @@ def test_conv_stem_shape():
 
 @pytest.mark.parametrize("options, message", [
     (dict(border="reflect"), "Unknown local attention border 'reflect'; valid: zero_pad, mask"),
-    (dict(impl="dense"), "Unknown local attention implementation 'dense'; valid: blocked, scan"),
+    (dict(impl="gather"), "Unknown local attention implementation 'gather'; valid: blocked, scan, dense"),
     (dict(block_size=0), "block_size must be positive, got 0"),
     (dict(offset_bias=jnp.zeros(5)), r"offset_bias must be \[3\]"),
 ])

@@ -103,7 +103,7 @@ def _model() -> ml_collections.ConfigDict:
       width=16,               # search supernet width C
       stem="attention",       # 'attention' (32x32 inputs) or 'conv' (224x224)
       dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay f32)
-      attention_impl="blocked",  # local attention: 'blocked' (fast) or 'scan' (lean)
+      attention_impl="blocked",  # local attention: 'blocked' (fast), 'dense' (small maps) or 'scan' (lean)
       supernet_impl="per_op",  # mixture layers: 'per_op' (a bottleneck per candidate),
                               # 'stacked' (all candidates over one op axis, one attention
                               # per head count) or 'stacked_window' (one per window too)

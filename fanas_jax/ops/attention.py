@@ -1,11 +1,11 @@
-"""Local (SASA) self-attention as a pure function, in two implementations.
+"""Local (SASA) self-attention as a pure function, in three implementations.
 
 Borders (`border`): 'zero_pad' (the authors') zero-pads the map before the
 key and value projections, so a window position outside the map has key 0 and
 value 0 but stays in the softmax, with logit q . (its relative embedding), or 0
 without one; 'mask' leaves such positions out of the softmax altogether.
 
-Neither implementation ever gathers the (B, H, W, k*k, C) window neighbourhood:
+No implementation ever gathers the (B, H, W, k*k, C) window neighbourhood:
 
 - `blocked` (default, fast): the map is cut into b x b query blocks; each block
   attends to its (b + k - 1)^2 halo region with dense batched matmuls. Relative
@@ -14,6 +14,16 @@ Neither implementation ever gathers the (B, H, W, k*k, C) window neighbourhood:
   matched by the query's per-row and per-column logits), so each block is plain
   dot-product attention: XLA runs it as batched matmuls, and on GPUs with
   bf16/fp16 it runs through cuDNN's fused attention kernel.
+  A map that fits one default block along both axes (sides up to 10: the
+  search's and the quickstart's small maps) runs `dense` instead, unless the
+  backend is cuDNN.
+- `dense` (small maps): every query against every key of the map, the window a
+  mask and the relative logits gathered from per-axis tables by constant one-hot
+  matrices; under 'zero_pad' the padding keys of a query's window, which all have
+  value 0, are merged into one extra key whose logit is the log of their summed
+  exp (it factorises over rows and columns). No halo, no augmented channels: for
+  a 7x7 window on an 8x8 map, 65 keys of head_dim channels per query against
+  196 keys of head_dim + 28 in one halo block. Memory grows as (H*W)^2.
 - `scan` (lean): one window offset at a time from shifted slices of the padded
   keys and values inside a rematerialised `lax.scan`, so memory stays
   O(B*H*W*C) whatever the window. Also the only form of the value-mixture
@@ -31,7 +41,7 @@ import numpy as np
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("blocked", "scan")
+IMPLEMENTATIONS = ("blocked", "scan", "dense")
 BORDERS = ("zero_pad", "mask")
 BACKENDS = ("xla", "cudnn")
 # Added to the logit of a key outside the window or the map. Finite (a -inf
@@ -100,7 +110,7 @@ def _check_options(window, value_mix, border, impl, block_size, offset_bias):
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown local attention implementation {impl!r}; valid: "
                      f"{', '.join(IMPLEMENTATIONS)}.")
-  if impl == "blocked" and value_mix is not None:
+  if impl != "scan" and value_mix is not None:
     raise ValueError("value_mix (the attention stem) needs impl='scan'.")
   if impl == "blocked" and block_size is not None and block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}.")
@@ -365,6 +375,110 @@ def _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
   return out[:, :height, :width]
 
 
+def _axis_one_hot(size: int, window: int) -> np.ndarray:
+  """[size, window, size] float32: 1 where the key position (last axis) lies at
+  window offset w of the query position (first axis)."""
+  offset = np.arange(size)[None, :] - np.arange(size)[:, None] + window // 2
+  return (offset[:, None, :] == np.arange(window)[None, :, None]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_layout(height: int, width: int, window: int):
+  """Static tables of the dense implementation: the row and column one-hots, the
+  [H, W, H, W] in-window mask, and per query row (column) which window offsets
+  fall inside the map, [H, window] ([W, window])."""
+  half = window // 2
+  rows, cols = np.arange(height), np.arange(width)
+  near_y = np.abs(rows[None, :] - rows[:, None]) <= half
+  near_x = np.abs(cols[None, :] - cols[:, None]) <= half
+  in_window = near_y[:, None, :, None] & near_x[None, :, None, :]
+  offsets = np.arange(window) - half
+  row_in = (rows[:, None] + offsets >= 0) & (rows[:, None] + offsets < height)
+  col_in = (cols[:, None] + offsets >= 0) & (cols[:, None] + offsets < width)
+  return (_axis_one_hot(height, window), _axis_one_hot(width, window), in_window,
+          row_in, col_in)
+
+
+def _dense_axis_logits(q_heads, rel, offset_bias, window, is_row, dtype):
+  """[B, H, W, heads, window] per-query logits of each row (or column) offset:
+  q . rel (the query's half of the channels) plus offset_bias; None if neither."""
+  if rel is None and offset_bias is None:
+    return None
+  if rel is None:
+    logits = jnp.zeros(q_heads.shape[:-1] + (window,), dtype)
+  else:
+    num_heads, head_dim = q_heads.shape[-2:]
+    zeros = jnp.zeros_like(rel)
+    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+    table = table.reshape(window, num_heads, head_dim).astype(q_heads.dtype)
+    logits = jnp.einsum("byxnd,wnd->byxnw", q_heads, table,
+                        preferred_element_type=dtype)
+  if offset_bias is not None:
+    logits += offset_bias.astype(dtype)
+  return logits
+
+
+def _padding_logit(row, col, layout, window, dtype, masked_logit) -> Array:
+  """[B, heads, H, W] log of the summed exp(logit) of a query's window positions
+  outside the map (zero keys and values under 'zero_pad').
+
+  A position is outside when its row or its column is, and its logit is the sum of
+  a row and a column term, so the sum factorises:
+  out_rows(a) * all_cols(b) + in_rows(a) * out_cols(b). masked_logit stands in for
+  an empty sum (exp underflows to 0), so gradients stay finite."""
+  _, _, _, row_in, col_in = layout
+  zero = jnp.zeros((1, 1, 1, 1, window), dtype)
+  row = zero if row is None else row
+  col = zero if col is None else col
+  row_in = row_in[None, :, None, None, :]
+  col_in = col_in[None, None, :, None, :]
+  lse = lambda x, keep: jax.nn.logsumexp(jnp.where(keep, x, masked_logit), axis=-1)
+  pad = jnp.logaddexp(lse(row, ~row_in) + lse(col, True),
+                      lse(row, row_in) + lse(col, ~col_in))
+  return pad.transpose(0, 3, 1, 2)
+
+
+def _local_attention_dense(q, k, v, window, num_heads, rel_row, rel_col, border,
+                           offset_bias) -> Array:
+  """Each query against every key of the map, the window as a mask."""
+  batch, height, width, channels = q.shape
+  head_dim = channels // num_heads
+  value_dim = v.shape[-1] // num_heads
+  logit_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  masked_logit = _MASKED_LOGIT.get(jnp.dtype(q.dtype), _DEFAULT_MASKED_LOGIT)
+  layout = _dense_layout(height, width, window)
+  one_hot_y, one_hot_x, in_window = layout[:3]
+  heads = lambda x, d: x.reshape(batch, height, width, num_heads, d)
+  q_heads = heads(q * head_dim**-0.5, head_dim)
+  logits = jnp.einsum("byxnd,bYXnd->bnyxYX", q_heads, heads(k, head_dim),
+                      preferred_element_type=logit_dtype)
+  row = _dense_axis_logits(q_heads, rel_row, offset_bias, window, True, logit_dtype)
+  col = _dense_axis_logits(q_heads, rel_col, offset_bias, window, False, logit_dtype)
+  if row is not None:
+    logits += jnp.einsum("byxnw,ywY->bnyxY", row,
+                         jnp.asarray(one_hot_y, logit_dtype))[..., None]
+    logits += jnp.einsum("byxnw,xwX->bnyxX", col,
+                         jnp.asarray(one_hot_x, logit_dtype))[..., None, :]
+  # A constant bias rather than a select, so it fuses with the additions above.
+  logits += jnp.asarray(np.where(in_window, 0.0, masked_logit), logit_dtype)
+  logits = logits.reshape(batch, num_heads, height, width, height * width)
+  # softmax over the map's keys and, under 'zero_pad', the merged padding key (value
+  # 0: it only adds to the denominator), without concatenating it to the logits.
+  top = jnp.max(logits, axis=-1)
+  if border == "zero_pad":
+    pad = _padding_logit(row, col, layout, window, logit_dtype, masked_logit)
+    top = jnp.maximum(top, pad)
+  top = lax.stop_gradient(top)
+  exp = jnp.exp(logits - top[..., None])
+  total = jnp.sum(exp, axis=-1)
+  if border == "zero_pad":
+    total += jnp.exp(pad - top)
+  weights = (exp / total[..., None]).astype(v.dtype)
+  values = heads(v, value_dim).reshape(batch, height * width, num_heads, value_dim)
+  out = jnp.einsum("bnyxk,bknd->byxnd", weights, values)
+  return out.reshape(batch, height, width, num_heads * value_dim)
+
+
 def inner_window_bias(window: int, inner: int, dtype: Any = jnp.float32) -> np.ndarray:
   """The [window] `offset_bias` that narrows a window x window attention to the
   centre inner x inner offsets (a masked logit outside them)."""
@@ -455,10 +569,12 @@ def local_attention(q: Array,
       implementation only).
     border: 'zero_pad' (positions outside the map are zero keys and values
       that stay in the softmax) or 'mask' (they are left out of it).
-    impl: 'blocked' (halo blocks as dense attention; fast) or 'scan' (one
-      offset at a time; least memory).
+    impl: 'blocked' (halo blocks as dense attention; fast; maps of one default
+      block run `dense` unless the backend is cuDNN), 'dense' (every key of the
+      map, the window a mask; for small maps) or 'scan' (one offset at a time;
+      least memory).
     block_size: query block side for `blocked` (default: per axis, a divisor
-      of the side near 8).
+      of the side near 8; given, the halo form runs at every map size).
     backend: for `blocked`, 'xla' or 'cudnn' (default: cuDNN on GPU for
       bf16/fp16 inputs, else XLA).
     offset_bias: optional [window] logit bias; a key at row offset dy and column
@@ -474,6 +590,18 @@ def local_attention(q: Array,
   if impl == "scan":
     return _local_attention_scan(q, k, v, window, num_heads, rel_row, rel_col,
                                  value_mix, border, offset_bias)
+  if impl == "dense" or (impl == "blocked" and _fits_one_block(q, block_size, backend)):
+    return _local_attention_dense(q, k, v, window, num_heads, rel_row, rel_col,
+                                  border, offset_bias)
   return _local_attention_blocked(q, k, v, window, num_heads, rel_row, rel_col,
                                   block_size, backend, border,
                                   offset_bias).astype(v.dtype)
+
+
+def _fits_one_block(q: Array, block_size: int | None, backend: str | None) -> bool:
+  """Whether `blocked` runs as `dense`: default blocks, a map of one block along
+  both axes, and XLA rather than cuDNN's fused kernel."""
+  _, height, width, _ = q.shape
+  return (block_size is None and default_block_size(height) == height
+          and default_block_size(width) == width
+          and (backend or default_backend(q.dtype)) == "xla")
