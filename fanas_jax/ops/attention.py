@@ -276,6 +276,14 @@ def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
   return x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
 
 
+def _head_table(rel: Array, is_row: bool, num_heads: int, head_dim: int,
+                dtype: Any) -> Array:
+  """[window, heads, head_dim]: a [window, C/2] relative embedding in its half of the
+  channels (the first for rows, the last for columns), zeros in the other."""
+  zeros = jnp.zeros_like(rel)
+  table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+  return table.reshape(rel.shape[0], num_heads, head_dim).astype(dtype)
+
 def _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
                  masked_logit) -> Array:
   """[B, nb_y, b_y, nb_x, b_x, heads, region] logits along rows (is_row) or columns.
@@ -296,10 +304,7 @@ def _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
   if rel is None:
     rel_logits = jnp.zeros(q_blocks.shape[:-1] + (window,), dtype)
   else:
-    num_heads, head_dim = q_blocks.shape[-2:]
-    zeros = jnp.zeros_like(rel)
-    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
-    table = table.reshape(window, num_heads, head_dim).astype(dtype)
+    table = _head_table(rel, is_row, *q_blocks.shape[-2:], dtype)
     rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
   if offset_bias is not None:
     rel_logits += offset_bias.astype(dtype)
@@ -407,10 +412,7 @@ def _dense_axis_logits(q_heads, rel, offset_bias, window, is_row, dtype):
   if rel is None:
     logits = jnp.zeros(q_heads.shape[:-1] + (window,), dtype)
   else:
-    num_heads, head_dim = q_heads.shape[-2:]
-    zeros = jnp.zeros_like(rel)
-    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
-    table = table.reshape(window, num_heads, head_dim).astype(q_heads.dtype)
+    table = _head_table(rel, is_row, *q_heads.shape[-2:], q_heads.dtype)
     logits = jnp.einsum("byxnd,wnd->byxnw", q_heads, table,
                         preferred_element_type=dtype)
   if offset_bias is not None:
