@@ -571,10 +571,7 @@ def local_attention(q: Array,
       implementation only).
     border: 'zero_pad' (positions outside the map are zero keys and values
       that stay in the softmax) or 'mask' (they are left out of it).
-    impl: 'blocked' (halo blocks as dense attention; fast; maps of one default
-      block run `dense` unless the backend is cuDNN), 'dense' (every key of the
-      map, the window a mask; for small maps) or 'scan' (one offset at a time;
-      least memory).
+    impl: 'blocked', 'dense' or 'scan' (the module docstring).
     block_size: query block side for `blocked` (default: per axis, a divisor
       of the side near 8; given, the halo form runs at every map size).
     backend: for `blocked`, 'xla' or 'cudnn' (default: cuDNN on GPU for
