@@ -276,13 +276,23 @@ def _query_blocks(x: Array, axis: int, size: int, block: int) -> Array:
   return x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
 
 
-def _head_table(rel: Array, is_row: bool, num_heads: int, head_dim: int,
-                dtype: Any) -> Array:
-  """[window, heads, head_dim]: a [window, C/2] relative embedding in its half of the
-  channels (the first for rows, the last for columns), zeros in the other."""
-  zeros = jnp.zeros_like(rel)
-  table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
-  return table.reshape(rel.shape[0], num_heads, head_dim).astype(dtype)
+def _offset_logits(q_heads: Array, rel: Array | None, offset_bias: Array | None,
+                   window: int, is_row: bool, dtype: Any) -> Array:
+  """[..., heads, window]: each query's logit of every row (or column) offset, its
+  half of the channels dotted with the [window, C/2] relative embedding (the first
+  half for rows, the last for columns), plus offset_bias."""
+  if rel is None:
+    logits = jnp.zeros(q_heads.shape[:-1] + (window,), dtype)
+  else:
+    zeros = jnp.zeros_like(rel)
+    table = jnp.concatenate([rel, zeros] if is_row else [zeros, rel], -1)
+    table = table.reshape(window, *q_heads.shape[-2:]).astype(q_heads.dtype)
+    logits = jnp.einsum("...nd,wnd->...nw", q_heads, table,
+                        preferred_element_type=dtype)
+  if offset_bias is not None:
+    logits += offset_bias.astype(dtype)
+  return logits
+
 
 def _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
                  masked_logit) -> Array:
@@ -301,13 +311,7 @@ def _axis_logits(q_blocks, rel, offset_bias, layout, window, is_row,
                      else bias[None, None, None, :, :, None], dtype)
   if rel is None and offset_bias is None:
     return jnp.broadcast_to(bias, q_blocks.shape[:-1] + (region,))
-  if rel is None:
-    rel_logits = jnp.zeros(q_blocks.shape[:-1] + (window,), dtype)
-  else:
-    table = _head_table(rel, is_row, *q_blocks.shape[-2:], dtype)
-    rel_logits = jnp.einsum("bYyXxnd,wnd->bYyXxnw", q_blocks, table)
-  if offset_bias is not None:
-    rel_logits += offset_bias.astype(dtype)
+  rel_logits = _offset_logits(q_blocks, rel, offset_bias, window, is_row, dtype)
   spec = "bYyXxnw,Yywr->bYyXxnr" if is_row else "bYyXxnw,Xxwr->bYyXxnr"
   return jnp.einsum(spec, rel_logits, jnp.asarray(one_hot, dtype)) + bias
 
@@ -404,22 +408,6 @@ def _dense_layout(height: int, width: int, window: int):
           row_in, col_in)
 
 
-def _dense_axis_logits(q_heads, rel, offset_bias, window, is_row, dtype):
-  """[B, H, W, heads, window] per-query logits of each row (or column) offset:
-  q . rel (the query's half of the channels) plus offset_bias; None if neither."""
-  if rel is None and offset_bias is None:
-    return None
-  if rel is None:
-    logits = jnp.zeros(q_heads.shape[:-1] + (window,), dtype)
-  else:
-    table = _head_table(rel, is_row, *q_heads.shape[-2:], q_heads.dtype)
-    logits = jnp.einsum("byxnd,wnd->byxnw", q_heads, table,
-                        preferred_element_type=dtype)
-  if offset_bias is not None:
-    logits += offset_bias.astype(dtype)
-  return logits
-
-
 def _padding_logit(row, col, layout, window, dtype, masked_logit) -> Array:
   """[B, heads, H, W] log of the summed exp(logit) of a query's window positions
   outside the map (zero keys and values under 'zero_pad').
@@ -454,9 +442,10 @@ def _local_attention_dense(q, k, v, window, num_heads, rel_row, rel_col, border,
   q_heads = heads(q * head_dim**-0.5, head_dim)
   logits = jnp.einsum("byxnd,bYXnd->bnyxYX", q_heads, heads(k, head_dim),
                       preferred_element_type=logit_dtype)
-  row = _dense_axis_logits(q_heads, rel_row, offset_bias, window, True, logit_dtype)
-  col = _dense_axis_logits(q_heads, rel_col, offset_bias, window, False, logit_dtype)
-  if row is not None:
+  row = col = None  # No relative or offset logits: a zero table in _padding_logit.
+  if rel_row is not None or offset_bias is not None:
+    row = _offset_logits(q_heads, rel_row, offset_bias, window, True, logit_dtype)
+    col = _offset_logits(q_heads, rel_col, offset_bias, window, False, logit_dtype)
     logits += jnp.einsum("byxnw,ywY->bnyxY", row,
                          jnp.asarray(one_hot_y, logit_dtype))[..., None]
     logits += jnp.einsum("byxnw,xwX->bnyxX", col,
